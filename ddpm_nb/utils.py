@@ -1,0 +1,142 @@
+"""Small helpers every lesson uses: device, seeding, paths, image grids.
+
+Explained in notebooks/01_forward_process (grids) and used everywhere else.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = [
+    "pick_device",
+    "seed_everything",
+    "repo_root",
+    "results_dir",
+    "data_root",
+    "to_uint8",
+    "make_grid",
+    "save_image",
+    "atomic_write_bytes",
+]
+
+
+def pick_device(prefer: str | None = None) -> torch.device:
+    """The best available device: cuda, then Apple's mps, then cpu.
+
+    `prefer` ("cuda", "mps", "cpu") forces a choice; the environment variable
+    `DDPM_NB_DEVICE` does the same without touching code.
+    """
+    prefer = prefer or os.environ.get("DDPM_NB_DEVICE")
+    if prefer:
+        if prefer.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError(f"device {prefer!r} was asked for but CUDA is not available; use 'cpu'")
+        return torch.device(prefer)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch (all devices); return a CPU generator seeded the same way.
+
+    Pass the returned generator to samplers and `q_sample` wherever a figure must be reproducible.
+    """
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def repo_root() -> Path:
+    """The repository root, found from the package location (not the working directory).
+
+    nbmake runs each notebook from its own folder, so relative paths would break;
+    `DDPM_NB_ROOT` overrides this for installed (non-editable) copies.
+    """
+    env = os.environ.get("DDPM_NB_ROOT")
+    if env:
+        return Path(env).expanduser().resolve()
+    return Path(__file__).resolve().parent.parent
+
+
+def results_dir(*parts: str, create: bool = True) -> Path:
+    """`results/<parts...>` under the repo root (or under `DDPM_NB_RESULTS` when set)."""
+    base = Path(os.environ.get("DDPM_NB_RESULTS", repo_root() / "results")).expanduser()
+    path = base.joinpath(*parts)
+    if create:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise PermissionError(
+                f"cannot create results folder {path}: {exc.strerror}. "
+                "Choose a writable place with DDPM_NB_RESULTS=/some/dir or --results-dir."
+            ) from exc
+    return path
+
+
+def data_root() -> Path:
+    """The dataset root: `DDPM_NB_DATA` when set, else the repository's `data/`."""
+    env = os.environ.get("DDPM_NB_DATA")
+    return Path(env).expanduser().resolve() if env else repo_root() / "data"
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, C, H, W) in [-1, 1] -> (B, H, W, 3) uint8 RGB (grayscale is repeated to 3 channels)."""
+    if images.dim() == 3:
+        images = images.unsqueeze(0)
+    if images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"expected images of shape (B, 1|3, H, W), got {tuple(images.shape)}")
+    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    return x.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2, pad_value: int = 255,
+              scale: int = 1) -> np.ndarray:
+    """Tile (B, C, H, W) images in [-1, 1] into one (H', W', 3) uint8 RGB array.
+
+    `nrow` images per row (default: about square); `scale` upsamples with nearest-neighbour
+    so small images stay crisp.
+    """
+    tiles = to_uint8(images)
+    b, h, w, _ = tiles.shape
+    nrow = nrow or max(1, math.ceil(math.sqrt(b)))
+    ncol = math.ceil(b / nrow)
+    grid = np.full((ncol * (h + padding) + padding, nrow * (w + padding) + padding, 3), pad_value, np.uint8)
+    for i in range(b):
+        r, c = divmod(i, nrow)
+        y, x = padding + r * (h + padding), padding + c * (w + padding)
+        grid[y:y + h, x:x + w] = tiles[i]
+    if scale > 1:
+        grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
+    return grid
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to a temp file next to `path`, fsync, then rename it into place."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def save_image(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None, scale: int = 1) -> Path:
+    """Save a grid of (B, C, H, W) images in [-1, 1] as a PNG; returns the path."""
+    import imageio.v3 as iio
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    iio.imwrite(path, make_grid(images, nrow=nrow, scale=scale))
+    return path
