@@ -4,3 +4,7 @@ One module per noun of the paper: schedule, diffusion, unet, sample, data, train
 animate, metrics, config, utils. The notebooks in notebooks/ explain each one.
 """
 __version__ = "0.1.0"
+
+# The one place the repository address lives: notebooks' Colab badges and install cells must use
+# exactly this (tests/test_notebooks.py checks).
+REPO_URL = "https://github.com/ddpm-nb/ddpm_nb"

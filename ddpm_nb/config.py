@@ -18,6 +18,7 @@ __all__ = [
     "TrainConfig",
     "RunConfig",
     "PRESETS",
+    "UNET_PRESETS",
     "preset",
     "SCHEDULES",
     "OBJECTIVES",
@@ -156,7 +157,7 @@ class UNetConfig(_Base):
     @classmethod
     def flowers_64(cls, **kw) -> "UNetConfig":
         """Oxford Flowers102 at 64 px."""
-        return cls(**{**dict(image_size=64, in_channels=3, base_channels=96, channel_mults=(1, 2, 2, 4),
+        return cls(**{**dict(image_size=64, in_channels=3, base_channels=64, channel_mults=(1, 2, 2, 4),
                              num_res_blocks=2, attn_resolutions=(16,), dropout=0.1), **kw})
 
     @classmethod

@@ -1,0 +1,157 @@
+"""The forward process q(x_t | x_0), the conversions between eps, x0 and v, and the training loss.
+
+Explained in notebooks/01_forward_process (q_sample) and notebooks/03_training (the loss).
+All timesteps are 0-based indices t = 0 .. T-1 (see ddpm_nb.schedule).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import DiffusionConfig
+from .schedule import NoiseSchedule, extract
+
+__all__ = ["GaussianDiffusion"]
+
+
+class GaussianDiffusion(nn.Module):
+    """A noise schedule plus the objective: everything about diffusion that is not the network.
+
+    Holds the schedule as a submodule (its buffers follow `.to(device)`); has no parameters.
+    """
+
+    def __init__(self, cfg: DiffusionConfig | None = None, *, schedule: NoiseSchedule | None = None):
+        super().__init__()
+        self.cfg = cfg or DiffusionConfig()
+        self.schedule = schedule if schedule is not None else NoiseSchedule.from_config(self.cfg)
+        if self.schedule.timesteps != self.cfg.timesteps:
+            raise ValueError(f"schedule has {self.schedule.timesteps} steps but cfg.timesteps={self.cfg.timesteps}")
+
+    @property
+    def timesteps(self) -> int:
+        return self.schedule.timesteps
+
+    def _get(self, name: str, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return extract(getattr(self.schedule, name), t, x.dim()).to(x.dtype)
+
+    # ---- forward process ------------------------------------------------------------------
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sample x_t ~ q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I) in one step.
+
+        x0: (B, C, H, W) in [-1, 1]; t: (B,) long in [0, T); noise: like x0 (drawn if None).
+        """
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype) \
+                if generator is not None else torch.randn_like(x0)
+        return self._get("sqrt_alphas_cumprod", t, x0) * x0 + self._get("sqrt_one_minus_alphas_cumprod", t, x0) * noise
+
+    def q_mean_variance(self, x0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and variance of q(x_t | x_0): (B, C, H, W) and (B, 1, 1, 1)."""
+        return self._get("sqrt_alphas_cumprod", t, x0) * x0, 1.0 - self._get("alphas_cumprod", t, x0)
+
+    def q_posterior_mean_variance(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
+        """q(x_{t-1} | x_t, x_0) = N(mean, beta_tilde_t I), DDPM eq. (6)-(7).
+
+        Returns (mean (B, C, H, W), variance (B, 1, 1, 1), log_variance_clipped (B, 1, 1, 1)).
+        """
+        mean = self._get("posterior_mean_coef1", t, x_t) * x0 + self._get("posterior_mean_coef2", t, x_t) * x_t
+        return mean, self._get("posterior_variance", t, x_t), self._get("posterior_log_variance_clipped", t, x_t)
+
+    # ---- conversions between the three parameterisations --------------------------------
+    def predict_x0_from_eps(self, x_t, t, eps):
+        """x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)."""
+        return self._get("sqrt_recip_alphas_cumprod", t, x_t) * x_t - self._get("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
+
+    def predict_eps_from_x0(self, x_t, t, x0):
+        """eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar)."""
+        return (self._get("sqrt_recip_alphas_cumprod", t, x_t) * x_t - x0) / self._get("sqrt_recipm1_alphas_cumprod", t, x_t)
+
+    def get_v(self, x0, eps, t):
+        """v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022)."""
+        return self._get("sqrt_alphas_cumprod", t, x0) * eps - self._get("sqrt_one_minus_alphas_cumprod", t, x0) * x0
+
+    def predict_x0_from_v(self, x_t, t, v):
+        """x0 = sqrt(abar) x_t - sqrt(1 - abar) v."""
+        return self._get("sqrt_alphas_cumprod", t, x_t) * x_t - self._get("sqrt_one_minus_alphas_cumprod", t, x_t) * v
+
+    def predict_eps_from_v(self, x_t, t, v):
+        """eps = sqrt(1 - abar) x_t + sqrt(abar) v."""
+        return self._get("sqrt_one_minus_alphas_cumprod", t, x_t) * x_t + self._get("sqrt_alphas_cumprod", t, x_t) * v
+
+    def split_output(self, model_out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, *,
+                     clip_x0: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Turn the network output (whatever the objective) into (eps_pred, x0_pred), both in fp32.
+
+        With `clip_x0`, x0_pred is clamped to [-1, 1] and eps_pred re-derived from it, so a sampler
+        step stays consistent with the clipped estimate.
+        """
+        out, x_t = model_out.float(), x_t.float()
+        obj = self.cfg.objective
+        if obj == "eps":
+            eps, x0 = out, self.predict_x0_from_eps(x_t, t, out)
+        elif obj == "x0":
+            x0 = out
+            eps = self.predict_eps_from_x0(x_t, t, x0)
+        else:
+            x0, eps = self.predict_x0_from_v(x_t, t, out), self.predict_eps_from_v(x_t, t, out)
+        if clip_x0:
+            x0 = x0.clamp(-1.0, 1.0)
+            if obj != "v" or self.schedule.alphas_cumprod[-1] > 0:
+                eps = self.predict_eps_from_x0(x_t, t, x0)
+        return eps, x0
+
+    # ---- training loss --------------------------------------------------------------------
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the network should output for the configured objective."""
+        if self.cfg.objective == "eps":
+            return noise
+        if self.cfg.objective == "x0":
+            return x0
+        return self.get_v(x0, noise, t)
+
+    def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-sample weights (B,): 1, or min-SNR-gamma expressed for the objective (Hang et al. 2023)."""
+        if self.cfg.min_snr_gamma is None:
+            return torch.ones(t.shape[0], device=t.device)
+        snr = self.schedule.snr(t)
+        clipped = snr.clamp(max=self.cfg.min_snr_gamma)
+        if self.cfg.objective == "eps":
+            return clipped / snr.clamp(min=1e-8)
+        if self.cfg.objective == "x0":
+            return clipped
+        return clipped / (snr + 1.0)
+
+    def sample_timesteps(self, batch: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Uniform t ~ U{0, ..., T-1}: (B,) long."""
+        return torch.randint(0, self.timesteps, (batch,), device=device, generator=generator)
+
+    def training_losses(self, model: nn.Module, x0: torch.Tensor, *, t: torch.Tensor | None = None,
+                        noise: torch.Tensor | None = None, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Algorithm 1 of DDPM, per sample: (B,) float32 losses.
+
+        The network may run under autocast; its output is cast to fp32 before the loss, so the
+        regression and the reduction are always computed in full precision.
+        """
+        b = x0.shape[0]
+        if t is None:
+            t = self.sample_timesteps(b, x0.device)
+        if noise is None:
+            noise = torch.randn_like(x0)
+        x_t = self.q_sample(x0, t, noise)
+        out = model(x_t, t, y) if y is not None else model(x_t, t)
+        out = out.float()
+        target = self.target(x0.float(), noise.float(), t)
+        if self.cfg.loss_type == "mse":
+            per = F.mse_loss(out, target, reduction="none")
+        elif self.cfg.loss_type == "l1":
+            per = F.l1_loss(out, target, reduction="none")
+        else:
+            per = F.huber_loss(out, target, reduction="none", delta=1.0)
+        per = per.flatten(1).mean(1)
+        return per * self.loss_weight(t)
+
+    def loss(self, model: nn.Module, x0: torch.Tensor, **kw) -> torch.Tensor:
+        """Mean of `training_losses`: a scalar in fp32."""
+        return self.training_losses(model, x0, **kw).mean()

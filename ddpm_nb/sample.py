@@ -1,0 +1,230 @@
+"""Samplers: DDPM ancestral sampling (Algorithm 2) and DDIM (Song et al. 2021), with guidance.
+
+Explained in notebooks/04_sampling.
+
+Every sampler takes an explicit `torch.Generator` for reproducible noise, can return the whole
+trajectory (x_t and the predicted x0 at every step, for figures and GIFs), and shows a
+tqdm progress bar that `progress=False` turns off.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .diffusion import GaussianDiffusion
+
+__all__ = [
+    "Trajectory",
+    "model_output",
+    "p_sample",
+    "ddpm_sample",
+    "ddim_timesteps",
+    "ddim_step",
+    "ddim_sample",
+    "sample",
+]
+
+SPACINGS = ("uniform", "linspace", "trailing")
+VARIANCES = ("fixed_small", "fixed_large")
+
+
+@dataclass
+class Trajectory:
+    """A recorded chain. x_t and x0_pred are (S+1, B, C, H, W) on the CPU, in float32:
+    entry i is the state before step i (entry 0 is the starting noise) and the network's x0 estimate
+    from it; the last entry is the final sample (for both). `timesteps[i]` is t of entry i (-1 for the last).
+    """
+
+    timesteps: list[int]
+    x_t: torch.Tensor
+    x0_pred: torch.Tensor
+
+
+def _randn(shape, generator: torch.Generator | None, device) -> torch.Tensor:
+    """Standard normal noise drawn from `generator` (on its own device), moved to `device`."""
+    if generator is None:
+        return torch.randn(shape, device=device)
+    return torch.randn(shape, generator=generator, device=generator.device).to(device)
+
+
+def model_output(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
+                 guidance_scale: float = 1.0, null_class: int | None = None) -> torch.Tensor:
+    """The network output, with classifier-free guidance when `y` is given and `guidance_scale != 1`:
+    out = out(null) + s * (out(y) - out(null)) (Ho & Salimans 2022). s = 0 is unconditional, s = 1 conditional.
+    """
+    if y is None:
+        return model(x_t, t)
+    if guidance_scale == 1.0:
+        return model(x_t, t, y)
+    if null_class is None:
+        null_class = model.cfg.num_classes
+    null = torch.full_like(y, null_class)
+    out = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null]))
+    cond, uncond = out.chunk(2)
+    return uncond + guidance_scale * (cond - uncond)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _prepare(model, shape, x_T, generator, device):
+    if device is None:
+        device = next(model.parameters()).device
+    device = torch.device(device)
+    x = _randn(shape, generator, device) if x_T is None else x_T.to(device).float()
+    return device, x
+
+
+def p_sample(model: nn.Module, diffusion: GaussianDiffusion, x_t: torch.Tensor, t: int, *,
+             y: torch.Tensor | None = None, guidance_scale: float = 1.0, variance: str = "fixed_small",
+             clip_x0: bool = True, noise: torch.Tensor | None = None):
+    """One ancestral step x_t -> x_{t-1} (Algorithm 2, line 4). Returns (x_{t-1}, x0_pred).
+
+    variance "fixed_small" uses beta-tilde_t (the posterior variance), "fixed_large" uses beta_t.
+    No noise is added at t = 0.
+    """
+    tt = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
+    out = model_output(model, x_t, tt, y, guidance_scale)
+    eps, x0 = diffusion.split_output(out, x_t, tt, clip_x0=clip_x0)
+    mean, _, log_var = diffusion.q_posterior_mean_variance(x0, x_t.float(), tt)
+    if variance == "fixed_large":
+        s = diffusion.schedule
+        log_var = torch.log(torch.cat([s.posterior_variance[1:2], s.betas[1:]]))[t].reshape(1, 1, 1, 1)
+    if t == 0:
+        return mean, x0
+    if noise is None:
+        noise = torch.randn_like(mean)
+    return mean + torch.exp(0.5 * log_var) * noise, x0
+
+
+def ddpm_sample(model: nn.Module, diffusion: GaussianDiffusion, shape: tuple, *, y: torch.Tensor | None = None,
+                guidance_scale: float = 1.0, variance: str = "fixed_small", clip_x0: bool = True,
+                generator: torch.Generator | None = None, x_T: torch.Tensor | None = None,
+                return_trajectory: bool = False, progress: bool = True, device=None,
+                dtype: torch.dtype | None = None):
+    """Ancestral sampling over all T steps (Algorithm 2). shape = (B, C, H, W).
+
+    Noise is drawn from `generator` in a fixed order: x_T first, then one draw per step for t > 0.
+    Returns the samples (B, C, H, W) in [-1, 1] (float32), or (samples, Trajectory).
+    `dtype` (e.g. torch.bfloat16) runs the network under autocast.
+    """
+    if variance not in VARIANCES:
+        raise ValueError(f"variance must be one of {VARIANCES}, got {variance!r}")
+    device, x = _prepare(model, shape, x_T, generator, device)
+    ts = list(range(diffusion.timesteps - 1, -1, -1))
+    return _run(model, ts, x, return_trajectory, progress, "DDPM", device, dtype,
+                lambda x, t, t_prev: p_sample(model, diffusion, x, t, y=y, guidance_scale=guidance_scale,
+                                              variance=variance, clip_x0=clip_x0,
+                                              noise=_randn(shape, generator, device) if t > 0 else None))
+
+
+def _run(model, ts, x, return_trajectory, progress, desc, device, dtype, step):
+    xs, x0s = [], []
+    with _eval_mode(model), _autocast(device, dtype):
+        for i in tqdm(range(len(ts)), desc=desc, disable=not progress, leave=False):
+            t, t_prev = ts[i], ts[i + 1] if i + 1 < len(ts) else -1
+            x_next, x0 = step(x, t, t_prev)
+            if return_trajectory:
+                xs.append(x.float().cpu())
+                x0s.append(x0.float().cpu())
+            x = x_next.float()
+    x = x.clamp(-1.0, 1.0)
+    if not return_trajectory:
+        return x
+    xs.append(x.cpu())
+    x0s.append(x.cpu())
+    return x, Trajectory(timesteps=list(ts) + [-1], x_t=torch.stack(xs), x0_pred=torch.stack(x0s))
+
+
+def ddim_timesteps(timesteps: int, steps: int, spacing: str = "uniform") -> list[int]:
+    """The subsequence of timesteps DDIM visits, in descending order.
+
+    "uniform": 0, c, 2c, ... with c = T // steps (DDIM paper); "linspace": round(linspace(0, T-1, steps));
+    "trailing": T-1, T-1-c, ... (Lin et al. 2024: always starts at the last, noisiest step).
+    """
+    if spacing not in SPACINGS:
+        raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
+    if not 1 <= steps <= timesteps:
+        raise ValueError(f"steps must be between 1 and T={timesteps}, got {steps}")
+    if spacing == "uniform":
+        ts = list(range(0, timesteps, timesteps // steps))[:steps]
+    elif spacing == "linspace":
+        ts = torch.linspace(0, timesteps - 1, steps).round().long().tolist()
+    else:
+        ts = [int(round(timesteps - i * timesteps / steps)) - 1 for i in range(steps)]
+    return sorted(set(ts), reverse=True)
+
+
+def ddim_step(diffusion: GaussianDiffusion, x_t: torch.Tensor, t: int, t_prev: int, eps: torch.Tensor,
+              x0: torch.Tensor, eta: float = 0.0, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """The DDIM update (Song et al. 2021, eq. 12) from step t to t_prev (t_prev = -1: the clean image).
+
+    x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z,
+    sigma = eta * sqrt((1 - abar_prev) / (1 - abar_t)) * sqrt(1 - abar_t / abar_prev).
+    eta = 0 is deterministic; eta = 1 with every step is DDPM's ancestral sampler.
+    """
+    ab = diffusion.schedule.alphas_cumprod
+    ab_t = ab[t]
+    ab_prev = ab[t_prev] if t_prev >= 0 else torch.ones_like(ab_t)
+    sigma = eta * torch.sqrt((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev))
+    x_prev = ab_prev.sqrt() * x0 + torch.sqrt((1 - ab_prev - sigma ** 2).clamp(min=0)) * eps
+    if eta > 0 and t_prev >= 0:
+        if noise is None:
+            noise = torch.randn_like(x0)
+        x_prev = x_prev + sigma * noise
+    return x_prev
+
+
+def ddim_sample(model: nn.Module, diffusion: GaussianDiffusion, shape: tuple, *, steps: int = 50,
+                eta: float = 0.0, spacing: str = "uniform", y: torch.Tensor | None = None,
+                guidance_scale: float = 1.0, clip_x0: bool = True, generator: torch.Generator | None = None,
+                x_T: torch.Tensor | None = None, return_trajectory: bool = False, progress: bool = True,
+                device=None, dtype: torch.dtype | None = None):
+    """DDIM sampling over `steps` timesteps chosen by `spacing`. shape = (B, C, H, W).
+
+    Noise order matches `ddpm_sample`: x_T first, then (when eta > 0) one draw per step that
+    lands on t_prev >= 0. Returns samples (B, C, H, W) in [-1, 1], or (samples, Trajectory).
+    """
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    device, x = _prepare(model, shape, x_T, generator, device)
+    ts = ddim_timesteps(diffusion.timesteps, steps, spacing)
+
+    def step(x, t, t_prev):
+        tt = torch.full((x.shape[0],), t, device=device, dtype=torch.long)
+        out = model_output(model, x, tt, y, guidance_scale)
+        eps, x0 = diffusion.split_output(out, x, tt, clip_x0=clip_x0)
+        noise = _randn(shape, generator, device) if eta > 0 and t_prev >= 0 else None
+        return ddim_step(diffusion, x.float(), t, t_prev, eps, x0, eta, noise), x0
+
+    return _run(model, ts, x, return_trajectory, progress, f"DDIM-{len(ts)}", device, dtype, step)
+
+
+def sample(model: nn.Module, diffusion: GaussianDiffusion, n: int, *, method: str = "ddim", steps: int = 50,
+           eta: float = 0.0, **kw):
+    """Draw `n` images with the model's own image size and channels: method "ddpm" or "ddim"."""
+    cfg = model.cfg
+    shape = (n, cfg.in_channels, cfg.image_size, cfg.image_size)
+    if method == "ddpm":
+        return ddpm_sample(model, diffusion, shape, **kw)
+    if method == "ddim":
+        return ddim_sample(model, diffusion, shape, steps=steps, eta=eta, **kw)
+    raise ValueError(f"method must be 'ddpm' or 'ddim', got {method!r}")
