@@ -8,6 +8,8 @@ shape, the model's guess of the clean image at each step). `chain_frames` turns 
 uint8 RGB frames (H, W, 3); `write_gif` / `write_mp4` save them; `show` displays them inline.
 
     frames = chain_frames(x_t, x0_pred, num_frames=60)     # list of (H, W, 3) uint8
+    # with a recorded ddpm_nb.sample.Trajectory:
+    frames = chain_frames(traj.x_t, traj.x0_pred, timesteps=traj.timesteps)
     show(write_gif(frames, results_dir("anim") / "chain.gif"))
 
 Frames are RGB for 1- and 3-channel images alike (grayscale is repeated), upscaled with
@@ -194,8 +196,9 @@ def chain_frames(
 
     nrow: images per grid row (default about square); scale: nearest-neighbour upscaling;
     label: a white row on top with the step ("x_t  step 12/50", or "x_t  t=..." when
-    `timesteps`, one diffusion timestep per chain entry, is given) and "x0_pred" over the
-    second grid; gap: white pixels between the two grids.
+    `timesteps`, one diffusion timestep per chain entry such as `Trajectory.timesteps`, is
+    given; a negative t reads "final") and "x0_pred" over the second grid;
+    gap: white pixels between the two grids.
     """
     x_t = _check_chain(x_t, "x_t")
     num_steps = x_t.shape[0]
@@ -229,7 +232,10 @@ def _labelled(grids_a, grids_b, steps, num_steps, timesteps, scale, gap) -> list
     text_x = min(2 * scale, 8)  # left margin of the text: in line with the grid's first image
 
     def step_text(i: int) -> str:
-        return f"t={int(timesteps[i])}" if timesteps is not None else f"step {i}/{num_steps - 1}"
+        if timesteps is None:
+            return f"step {i}/{num_steps - 1}"
+        t = int(timesteps[i])
+        return f"t={t}" if t >= 0 else "final"  # sample.Trajectory marks the final sample with t = -1
 
     texts_a = [("x_t  " if grids_b is not None else "") + step_text(i) for i in steps]
     sizes = [_text_size(font, s) for s in texts_a]

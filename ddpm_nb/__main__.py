@@ -1,0 +1,273 @@
+"""The command line for long runs: `python -m ddpm_nb {train,sample,animate,presets,bench} --help`.
+
+Every training setting is a flag named after its place in the config (`--train.lr 1e-4`,
+`--unet.dropout 0`, `--data.dataset flowers102`), with a few short aliases (`--steps`,
+`--batch-size`, `--lr`, `--amp`, `--dataset`). Values are parsed as YAML, so `--unet.channel_mults
+[1,2,2]`, `--train.grad_clip null` and `--data.class_cond true` work.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+from .config import PRESETS, ConfigError, RunConfig, preset
+
+ALIASES = {
+    "steps": "train.steps",
+    "batch_size": "train.batch_size",
+    "lr": "train.lr",
+    "amp": "train.amp",
+    "dataset": "data.dataset",
+    "seed": "train.seed",
+}
+
+
+def _field_help(section: str, f: dataclasses.Field) -> str:
+    default = f.default if f.default is not dataclasses.MISSING else "..."
+    return f"{f.metadata.get('help', '')} (preset value; class default {default!r})"
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    for section, cls in RunConfig.SECTIONS.items():
+        group = p.add_argument_group(f"{section} settings ({cls.__name__})")
+        for f in dataclasses.fields(cls):
+            group.add_argument(f"--{section}.{f.name}", dest=f"cfg:{section}.{f.name}", metavar="V",
+                               default=None, help=_field_help(section, f))
+    short = p.add_argument_group("short aliases")
+    for alias, target in ALIASES.items():
+        short.add_argument(f"--{alias.replace('_', '-')}", dest=f"cfg:{target}", metavar="V", default=None,
+                           help=f"same as --{target}")
+
+
+def build_config(args: argparse.Namespace) -> RunConfig:
+    """Preset, then the YAML file, then --section.field flags; later ones win."""
+    cfg = preset(args.preset)
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise ConfigError(f"--config: no such file {path}")
+        with open(path) as fh:
+            loaded = yaml.safe_load(fh) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"--config: {path} must hold a mapping of sections (unet, diffusion, data, train)")
+        base = cfg.to_dict()
+        for key, value in loaded.items():
+            if key in RunConfig.SECTIONS and isinstance(value, dict):
+                base[key].update(value)
+            else:
+                base[key] = value
+        cfg = RunConfig.from_dict(base)
+    overrides = {}
+    for key, raw in vars(args).items():
+        if key.startswith("cfg:") and raw is not None:
+            overrides[key[4:]] = yaml.safe_load(raw)
+    if args.name:
+        overrides["name"] = args.name
+    return cfg.override(overrides) if overrides else cfg
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import Trainer
+
+    cfg = build_config(args)
+    if args.results_dir:
+        os.environ["DDPM_NB_RESULTS"] = str(Path(args.results_dir).resolve())
+    if args.print_config:
+        print(yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False))
+        return 0
+    trainer = Trainer(cfg, device=args.device, resume=args.resume, progress=not args.no_progress)
+    if trainer.is_main:
+        print(trainer.summary(), file=sys.stderr)
+        if trainer.step:
+            print(f"resumed at step {trainer.step} from {trainer.last_checkpoint}", file=sys.stderr)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    if trainer.is_main:
+        print(f"done: {trainer.step} steps; run folder {trainer.run_dir}", file=sys.stderr)
+    return 0
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a checkpoint .pt file or a run folder (results/<name>)")
+    p.add_argument("--method", choices=["ddim", "ddpm"], default="ddim", help="sampler (default ddim)")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (ignored by ddpm, which uses all T)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 ancestral")
+    p.add_argument("--spacing", choices=["uniform", "linspace", "trailing"], default="uniform",
+                   help="which timesteps DDIM visits")
+    p.add_argument("--guidance-scale", type=float, default=1.0,
+                   help="classifier-free guidance scale for class-conditional models (1 = plain conditional)")
+    p.add_argument("--class", dest="label", type=int, default=None,
+                   help="class label for every image (conditional models; default: cycle through classes)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the starting noise")
+    p.add_argument("--online", action="store_true", help="use the online weights instead of the EMA")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
+    p.add_argument("--bf16", action="store_true", help="run the network under bf16 autocast (GPUs)")
+    p.add_argument("--out", default=None, help="output folder (default: <run folder>/<command>)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _load_for_sampling(args):
+    import torch
+
+    from .train import load_model
+
+    model, diffusion, cfg = load_model(args.checkpoint, ema=not args.online, device=args.device)
+    labels = None
+    if cfg.unet.num_classes:
+        if args.label is not None:
+            if not 0 <= args.label < cfg.unet.num_classes:
+                raise ConfigError(f"--class must be in 0..{cfg.unet.num_classes - 1}, got {args.label}")
+            labels = torch.full((args.num,), args.label, dtype=torch.long)
+        else:
+            labels = torch.arange(args.num) % cfg.unet.num_classes
+        labels = labels.to(next(model.parameters()).device)
+    elif args.label is not None:
+        raise ConfigError("--class given but this checkpoint's model is unconditional (num_classes=None)")
+    kw = dict(method=args.method, steps=args.steps, eta=args.eta, y=labels, guidance_scale=args.guidance_scale,
+              generator=torch.Generator().manual_seed(args.seed), progress=not args.no_progress,
+              dtype=torch.bfloat16 if args.bf16 else None)
+    if args.method == "ddim":
+        kw["spacing"] = args.spacing
+    else:
+        kw.pop("steps"), kw.pop("eta")
+    return model, diffusion, cfg, kw
+
+
+def _out_dir(args, sub: str) -> Path:
+    if args.out:
+        out = Path(args.out)
+    else:
+        ckpt = Path(args.checkpoint)
+        run = ckpt if ckpt.is_dir() else ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+        out = run / sub
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from .sample import sample
+    from .utils import save_image
+
+    model, diffusion, cfg, kw = _load_for_sampling(args)
+    images = sample(model, diffusion, args.num, **kw)
+    out = _out_dir(args, "samples_cli")
+    tag = f"{args.method}{args.steps if args.method == 'ddim' else ''}_seed{args.seed}"
+    grid = save_image(images, out / f"grid_{tag}.png", scale=2 if cfg.unet.image_size < 64 else 1)
+    (out / "images").mkdir(exist_ok=True)
+    for i, img in enumerate(images):
+        save_image(img[None], out / "images" / f"{tag}_{i:04d}.png", nrow=1)
+    print(f"wrote {grid} and {len(images)} images in {out / 'images'}")
+    return 0
+
+
+def cmd_animate(args: argparse.Namespace) -> int:
+    from .animate import chain_frames, write_gif, write_mp4
+    from .sample import sample
+
+    model, diffusion, cfg, kw = _load_for_sampling(args)
+    _, traj = sample(model, diffusion, args.num, return_trajectory=True, **kw)
+    frames = chain_frames(traj.x_t, traj.x0_pred, num_frames=args.frames, scale=args.scale)
+    out = _out_dir(args, "animations")
+    stem = f"chain_{args.method}{args.steps if args.method == 'ddim' else ''}_seed{args.seed}"
+    written = [write_gif(frames, out / f"{stem}.gif", fps=args.fps)]
+    if not args.no_mp4:
+        written.append(write_mp4(frames, out / f"{stem}.mp4", fps=args.fps))
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from .unet import UNet, count_parameters
+
+    for name in PRESETS:
+        cfg = preset(name)
+        n = count_parameters(UNet(cfg.unet))
+        print(f"{name:14s} {cfg.data.dataset:14s} {cfg.unet.image_size:3d}px x{cfg.unet.in_channels} "
+              f"{n / 1e6:7.2f}M params  {cfg.train.steps:>7d} steps  batch {cfg.train.batch_size}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    try:
+        from .bench import main as bench_main
+    except ImportError as exc:
+        raise SystemExit(f"the benchmark module is not available: {exc}") from exc
+    return bench_main(args.rest)
+
+
+def _plain(d):
+    from .train import _plain as plain
+    return plain(d)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ddpm_nb", description="Train, sample and animate DDPM models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model (see --help for every setting)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Train a UNet with DDPM's objective. Settings: the preset, then --config YAML, "
+                                   "then --section.field flags. Outputs go to results/<name>/.")
+    t.add_argument("--preset", default="quick", help=f"named settings: {', '.join(PRESETS)}")
+    t.add_argument("--config", default=None, help="YAML file with sections unet/diffusion/data/train to override")
+    t.add_argument("--name", default=None, help="run name (folder under results/); default: the preset's name")
+    t.add_argument("--resume", action="store_true", help="continue results/<name>/checkpoints/latest.pt exactly")
+    t.add_argument("--device", default=None, help="cuda, cuda:1, mps or cpu (default: best available)")
+    t.add_argument("--results-dir", default=None, help="where run folders go (default: results/ or $DDPM_NB_RESULTS)")
+    t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    t.add_argument("--print-config", action="store_true", help="print the final configuration as YAML and exit")
+    _add_config_flags(t)
+    t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("sample", help="sample images from a checkpoint",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _sampling_args(s)
+    s.add_argument("--num", type=int, default=64, help="number of images")
+    s.set_defaults(func=cmd_sample)
+
+    a = sub.add_parser("animate", help="GIF and MP4 of the denoising chain from a checkpoint",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _sampling_args(a)
+    a.add_argument("--num", type=int, default=16, help="images in the animated grid")
+    a.add_argument("--frames", type=int, default=60, help="frames taken from the chain (denser near the end)")
+    a.add_argument("--fps", type=int, default=20, help="frames per second")
+    a.add_argument("--scale", type=int, default=4, help="nearest-neighbour upscaling of each image")
+    a.add_argument("--no-mp4", action="store_true", help="write only the GIF")
+    a.set_defaults(func=cmd_animate)
+
+    pr = sub.add_parser("presets", help="list the named presets with their sizes")
+    pr.set_defaults(func=cmd_presets)
+
+    b = sub.add_parser("bench", help="throughput and memory benchmarks (python -m ddpm_nb bench --help)",
+                       add_help=False)
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .data import DatasetNotFoundError
+    from .train import CheckpointError, TrainingDivergedError
+
+    args = make_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, CheckpointError, DatasetNotFoundError, TrainingDivergedError, FileExistsError,
+            PermissionError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; resume with the same command plus --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,676 @@
+"""The trainer: AdamW, warm-up + cosine LR, mixed precision, EMA, exact resume, DDP.
+
+Explained in notebooks/03_training.
+
+A run lives in `results/<name>/`:
+    config.yaml           the full RunConfig
+    checkpoints/latest.pt the newest checkpoint (atomic: temp file + rename)
+    checkpoints/step_N.pt the last `keep_last` checkpoints
+    samples/step_N_{online,ema}.png
+    log.csv, val.csv      training and validation rows (TensorBoard in tb/ when installed)
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+import yaml
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import __version__
+from .config import ConfigError, RunConfig, UNetConfig
+from .diffusion import GaussianDiffusion
+from .sample import sample as draw_samples
+from .unet import UNet, count_parameters
+from .utils import pick_device, results_dir, save_image
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CHECKPOINT_VERSION",
+    "CheckpointError",
+    "TrainingDivergedError",
+    "EMA",
+    "resolve_amp",
+    "lr_factor",
+    "save_checkpoint",
+    "load_checkpoint",
+    "load_model",
+    "EpochSampler",
+    "Trainer",
+]
+
+CHECKPOINT_FORMAT = "ddpm_nb-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used: missing, truncated, not ours, or made for another configuration."""
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite; the weights were not updated with it."""
+
+
+# ---- pieces ----------------------------------------------------------------------------------
+class EMA:
+    """Exponential moving average of a model's weights (Polyak averaging).
+
+    Before `start` the average is a plain copy. After it, with `warmup`, the decay ramps as
+    min(decay, (1 + n) / (10 + n)) for the n-th update, so early averages are not dominated by
+    the random initialisation.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999, start: int = 0, warmup: bool = True):
+        self.decay, self.start, self.warmup = decay, start, warmup
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.num_updates = 0
+
+    def current_decay(self, step: int) -> float:
+        if step < self.start:
+            return 0.0
+        if not self.warmup:
+            return self.decay
+        n = self.num_updates
+        return min(self.decay, (1 + n) / (10 + n))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        d = self.current_decay(step)
+        if step >= self.start:
+            self.num_updates += 1
+        ema_p = list(self.model.parameters())
+        src_p = list(model.parameters())
+        if d == 0.0:
+            torch._foreach_copy_(ema_p, src_p)
+        else:
+            torch._foreach_lerp_(ema_p, src_p, 1.0 - d)
+        for b_ema, b in zip(self.model.buffers(), model.buffers()):
+            b_ema.copy_(b)
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "num_updates": self.num_updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.num_updates = int(state["num_updates"])
+
+
+def resolve_amp(mode: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, use GradScaler) for a TrainConfig.amp mode on a device.
+
+    'auto': bf16 on GPUs that support it (no scaler needed: bf16 has fp32's range), fp16 with a
+    GradScaler on older GPUs, off on CPU/MPS. 'bf16'/'fp16' force it (also on CPU, for learning).
+    """
+    if mode == "off":
+        return None, False
+    if mode == "auto":
+        if device.type != "cuda":
+            return None, False
+        mode = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if mode == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ConfigError("TrainConfig.amp: this GPU does not support bf16; use 'fp16' or 'auto'")
+        return torch.bfloat16, False
+    return torch.float16, True
+
+
+def lr_factor(step: int, *, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (0-based): linear warm-up, then cosine or constant."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Shuffled indices for one epoch, seeded by (seed, epoch), split across ranks, starting at `skip`.
+
+    Everything is a pure function of its arguments, so a resumed run reads exactly the batches
+    an uninterrupted run would have read.
+    """
+
+    def __init__(self, n: int, *, seed: int, epoch: int, micro_batch: int, rank: int = 0, world: int = 1,
+                 skip_batches: int = 0):
+        self.n, self.seed, self.epoch = n, seed, epoch
+        self.micro_batch, self.rank, self.world, self.skip = micro_batch, rank, world, skip_batches
+        self.batches = n // (micro_batch * world)
+        if self.batches < 1:
+            raise ConfigError(f"TrainConfig.batch_size: the dataset has only {n} images, fewer than one batch "
+                              f"({micro_batch} per process x {world} processes); use a smaller batch_size")
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        perm = torch.randperm(self.n, generator=g)[: self.batches * self.micro_batch * self.world]
+        mine = perm[self.rank::self.world]
+        return iter(mine[self.skip * self.micro_batch:].tolist())
+
+    def __len__(self) -> int:
+        return (self.batches - self.skip) * self.micro_batch
+
+
+# ---- checkpoints -----------------------------------------------------------------------------
+def save_checkpoint(state: dict, path: str | os.PathLike, *, also: list[Path] = ()) -> Path:
+    """Write `state` atomically: to a temp file in the same folder, fsync, rename into place.
+
+    `also`: more names for the same file (hard links when possible), e.g. the step-numbered copy.
+    A crash at any moment leaves the previous file intact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        for other in also:
+            other_tmp = other.with_name(f".{other.name}.tmp-{os.getpid()}")
+            try:
+                os.link(tmp, other_tmp)
+            except OSError:
+                import shutil
+                shutil.copyfile(tmp, other_tmp)
+            os.replace(other_tmp, other)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """Load and validate a checkpoint with `torch.load(weights_only=True)`; one clear error otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoints" / "latest.pt" if (path / "checkpoints").is_dir() else path / "latest.pt"
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}. Pass a .pt file or a run folder (results/<name>) that "
+                              "holds checkpoints/latest.pt")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # truncated zip, random bytes, pickles of foreign objects
+        older = sorted(path.parent.glob("step_*.pt"))
+        hint = f" An earlier checkpoint of the run may still be good: {older[-1]}." if older else ""
+        raise CheckpointError(f"{path} is not a readable ddpm_nb checkpoint (truncated, corrupt or not a "
+                              f"PyTorch file: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}).{hint}") \
+            from exc
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is a PyTorch file but not a ddpm_nb checkpoint (no "
+                              f"'format': '{CHECKPOINT_FORMAT}' entry). Use a file written by ddpm_nb's trainer.")
+    if int(state.get("version", 0)) > CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint format version {state['version']}, newer than this "
+                              f"ddpm_nb understands ({CHECKPOINT_VERSION}); upgrade ddpm_nb.")
+    return state
+
+
+def _config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    diffs = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += _config_differences(a, b, f"{prefix}{key}.")
+        elif (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
+            diffs.append(f"{prefix}{key}: checkpoint {a!r} vs now {b!r}")
+    return diffs
+
+
+def _load_weights(model: nn.Module, weights: dict, saved_unet: dict, path: str) -> None:
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        diffs = _config_differences(saved_unet, model.cfg.to_dict())
+        raise CheckpointError(f"{path} was trained with a different network: "
+                              f"{'; '.join(diffs) or str(exc).splitlines()[0]}. Use the checkpoint's own "
+                              "configuration (load_model / --resume without network overrides).") from exc
+
+
+def load_model(path: str | os.PathLike, *, ema: bool = True, device=None):
+    """(model, diffusion, RunConfig) from a checkpoint, in eval mode on `device` (EMA weights by default)."""
+    state = load_checkpoint(path)
+    cfg = RunConfig.from_dict(state["config"])
+    device = torch.device(device) if device is not None else pick_device()
+    model = UNet(cfg.unet)
+    _load_weights(model, state["ema"]["model"] if ema and state.get("ema") else state["model"],
+                  state["config"]["unet"], str(path))
+    diffusion = GaussianDiffusion(cfg.diffusion)
+    return model.to(device).eval(), diffusion.to(device), cfg
+
+
+# ---- distributed helpers ---------------------------------------------------------------------
+def _dist_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank), from torchrun's environment variables."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+@dataclass
+class _Rows:
+    """A CSV file that is trimmed back to `step` on resume, so a killed run leaves no duplicate rows."""
+
+    path: Path
+    fields: list[str]
+
+    def trim(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        with open(self.path, newline="") as fh:
+            rows = [r for r in csv.DictReader(fh) if int(float(r["step"])) <= step]
+        self._write(rows, "w")
+
+    def append(self, row: dict) -> None:
+        self._write([row], "a")
+
+    def _write(self, rows, mode):
+        new = mode == "w" or not self.path.exists()
+        with open(self.path, mode, newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=self.fields, extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerows(rows)
+
+
+# ---- the trainer -----------------------------------------------------------------------------
+class Trainer:
+    """Train a UNet with DDPM's objective. `Trainer(cfg).train()` runs `cfg.train.steps` steps.
+
+    resume=True continues from `run_dir/checkpoints/latest.pt` exactly (weights, optimizer,
+    scaler, LR schedule, EMA, RNG states, data position). `on_log(trainer, row)` is called on every
+    log row (notebooks use it for live plots). Under `torchrun` it uses DistributedDataParallel.
+    """
+
+    def __init__(self, cfg: RunConfig, *, run_dir: str | os.PathLike | None = None, device=None,
+                 resume: bool = False, progress: bool = True, on_log: Callable | None = None,
+                 train_dataset=None, val_dataset=None):
+        from . import data as data_mod
+
+        self.cfg, self.progress, self.on_log = cfg, progress, on_log
+        tc = cfg.train
+        self.rank, self.world, local_rank = _dist_env()
+        self.distributed = self.world > 1
+        if self.distributed and not dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            dist.init_process_group(backend)
+        if device is None and self.distributed and torch.cuda.is_available():
+            device = f"cuda:{local_rank}"
+        self.device = torch.device(device) if device is not None else pick_device()
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)
+        self.is_main = self.rank == 0
+
+        if tc.batch_size % (tc.grad_accum * self.world):
+            raise ConfigError(f"TrainConfig.batch_size={tc.batch_size} must be divisible by grad_accum x processes "
+                              f"= {tc.grad_accum} x {self.world}")
+        self.micro_batch = tc.batch_size // (tc.grad_accum * self.world)
+
+        # run folder
+        self.run_dir = Path(run_dir) if run_dir is not None else results_dir(cfg.name, create=False)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        latest = self.ckpt_dir / "latest.pt"
+        if self.is_main:
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                (self.run_dir / "samples").mkdir(exist_ok=True)
+                probe = self.run_dir / ".write-test"
+                probe.write_bytes(b"")
+                probe.unlink()
+            except OSError as exc:
+                raise PermissionError(f"cannot write to the run folder {self.run_dir}: {exc.strerror}. Choose a "
+                                      "writable place with --results-dir or DDPM_NB_RESULTS.") from exc
+            if latest.exists() and not resume:
+                raise FileExistsError(f"{self.run_dir} already holds a run (checkpoints/latest.pt). Pass "
+                                      "resume=True (--resume) to continue it, or choose another name (--name).")
+
+        # data: flips happen here with our own generator, so the datasets themselves are deterministic
+        data_cfg = cfg.data.replace(hflip=False)
+        if train_dataset is None:
+            train_dataset, val_dataset = data_mod.train_val_datasets(data_cfg, cfg.unet.image_size)
+        self.train_ds, self.val_ds = train_dataset, val_dataset
+        channels = data_mod.dataset_channels(self.train_ds)
+        if channels != cfg.unet.in_channels:
+            raise ConfigError(f"UNetConfig.in_channels={cfg.unet.in_channels} but the dataset "
+                              f"{cfg.data.dataset!r} has {channels} channel(s); set unet.in_channels={channels}")
+        self.num_workers = cfg.data.num_workers if cfg.data.num_workers is not None \
+            else data_mod.default_num_workers()
+
+        # model, EMA, optimizer
+        torch.manual_seed(tc.seed)
+        self.raw_model = UNet(cfg.unet).to(self.device)
+        if tc.channels_last:
+            self.raw_model = self.raw_model.to(memory_format=torch.channels_last)
+        self.ema = EMA(self.raw_model, tc.ema_decay, tc.ema_start, tc.ema_warmup)
+        self.diffusion = GaussianDiffusion(cfg.diffusion).to(self.device)
+        self.amp_dtype, use_scaler = resolve_amp(tc.amp, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(self.raw_model.parameters(), lr=tc.lr, betas=tc.betas,
+                                           weight_decay=tc.weight_decay, **({"fused": True} if fused else {}))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, warmup=tc.warmup_steps, total=tc.steps,
+                                                schedule=tc.lr_schedule, min_ratio=tc.min_lr_ratio))
+        model = self.raw_model
+        if self.distributed:
+            model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.model = torch.compile(model) if tc.compile else model
+        self.gen = torch.Generator(device=self.device).manual_seed(tc.seed * 1000 + self.rank)
+
+        self.step = 0
+        self.micro_batches_seen = 0
+        self.history: list[dict] = []
+        self.val_history: list[dict] = []
+        self.last_checkpoint: Path | None = None
+        self._log = _Rows(self.run_dir / "log.csv", ["step", "loss", "lr", "grad_norm", "images_per_s", "time_s"])
+        self._val = _Rows(self.run_dir / "val.csv", ["step", "val_loss", "val_loss_ema", "q1", "q2", "q3", "q4"])
+        if resume and latest.exists():
+            self._resume(latest)
+        elif self.is_main:
+            with open(self.run_dir / "config.yaml", "w") as fh:
+                yaml.safe_dump(_plain(cfg.to_dict()), fh, sort_keys=False)
+        self._tb = None
+        if self.is_main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step or None)
+            except Exception:  # tensorboard not installed: CSV only
+                self._tb = None
+
+    # ---- state ------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "ddpm_nb_version": __version__,
+            "config": _plain(self.cfg.to_dict()),
+            "step": self.step,
+            "micro_batches_seen": self.micro_batches_seen,
+            "model": self.raw_model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": {
+                "cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+                "train": self.gen.get_state(),
+            },
+        }
+
+    def save_checkpoint(self) -> Path | None:
+        """Write checkpoints/latest.pt (+ step_N.pt, keeping the last `keep_last`). Main process only."""
+        if not self.is_main:
+            return None
+        step_file = self.ckpt_dir / f"step_{self.step:07d}.pt"
+        keep = self.cfg.train.keep_last
+        path = save_checkpoint(self.state_dict(), self.ckpt_dir / "latest.pt", also=[step_file] if keep else [])
+        for old in sorted(self.ckpt_dir.glob("step_*.pt"))[:-keep or None]:
+            old.unlink()
+        self.last_checkpoint = step_file if keep else path
+        return path
+
+    def _resume(self, path: Path) -> None:
+        state = load_checkpoint(path, map_location=self.device)
+        diffs = _config_differences(state["config"]["unet"], _plain(self.cfg.unet.to_dict()))
+        diffs += _config_differences(state["config"]["diffusion"], _plain(self.cfg.diffusion.to_dict()))
+        if diffs:
+            raise CheckpointError(f"cannot resume {path}: the run was made with another network or diffusion "
+                                  f"setting ({'; '.join(diffs)}). Resume without changing those settings.")
+        _load_weights(self.raw_model, state["model"], state["config"]["unet"], str(path))
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.micro_batches_seen = int(state["micro_batches_seen"])
+        torch.set_rng_state(state["rng"]["cpu"].cpu())
+        if state["rng"]["cuda"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), self.device)
+        self.gen.set_state(state["rng"]["train"].cpu())
+        self.last_checkpoint = path
+        if self.is_main:
+            self._log.trim(self.step)
+            self._val.trim(self.step)
+            for name, rows in (("log.csv", self.history), ("val.csv", self.val_history)):
+                f = self.run_dir / name
+                if f.exists():
+                    with open(f, newline="") as fh:
+                        rows.extend({k: float(v) for k, v in r.items() if v != ""} for r in csv.DictReader(fh))
+
+    # ---- data -------------------------------------------------------------------------------
+    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Endless micro-batches starting at `micro_batches_seen`, identical across resumes."""
+        from .data import make_loader
+
+        n = len(self.train_ds)
+        per_epoch = EpochSampler(n, seed=self.cfg.train.seed, epoch=0, micro_batch=self.micro_batch,
+                                 world=self.world).batches
+        while True:
+            epoch, skip = divmod(self.micro_batches_seen, per_epoch)
+            sampler = EpochSampler(n, seed=self.cfg.train.seed, epoch=epoch, micro_batch=self.micro_batch,
+                                   rank=self.rank, world=self.world, skip_batches=skip)
+            # an explicit generator keeps the loader from drawing on the global RNG (dropout's)
+            loader = make_loader(self.train_ds, self.micro_batch, shuffle=False, num_workers=self.num_workers,
+                                 drop_last=True, sampler=sampler,
+                                 generator=torch.Generator().manual_seed(self.cfg.train.seed + epoch))
+            for x, y in loader:
+                yield x, y
+
+    def _prepare(self, x: torch.Tensor, y: torch.Tensor):
+        x = x.to(self.device, non_blocking=True).float()
+        if self.cfg.data.hflip:
+            flip = torch.rand(x.shape[0], generator=self.gen, device=self.device) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        if self.cfg.train.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = y.to(self.device).long() if self.cfg.data.class_cond else None
+        if y is not None and self.cfg.unet.num_classes:
+            # classifier-free guidance training: drop 10% of labels to the null class
+            drop = torch.rand(y.shape[0], generator=self.gen, device=self.device) < 0.1
+            y = torch.where(drop, torch.full_like(y, self.cfg.unet.num_classes), y)
+        return x, y
+
+    # ---- one step ---------------------------------------------------------------------------
+    def _autocast(self):
+        if self.amp_dtype is None:
+            import contextlib
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def train_step(self, batches: Iterator) -> dict:
+        """One optimizer step over `grad_accum` micro-batches. Returns {'loss', 'grad_norm', 'lr'}."""
+        tc = self.cfg.train
+        self.model.train()
+        total = torch.zeros((), device=self.device)
+        for i in range(tc.grad_accum):
+            x, y = self._prepare(*next(batches))
+            self.micro_batches_seen += 1
+            b = x.shape[0]
+            t = torch.randint(0, self.diffusion.timesteps, (b,), generator=self.gen, device=self.device)
+            noise = torch.randn(x.shape, generator=self.gen, device=self.device)
+            sync = i == tc.grad_accum - 1 or not self.distributed
+            ctx = self.model.no_sync() if not sync and hasattr(self.model, "no_sync") else _null()
+            with ctx:
+                with self._autocast():
+                    loss = self.diffusion.training_losses(self.model, x, t=t, noise=noise, y=y).mean()
+                self.scaler.scale(loss / tc.grad_accum).backward()
+            total += loss.detach() / tc.grad_accum
+        if self.distributed:
+            dist.all_reduce(total)
+            total /= self.world
+        loss_value = total.item()
+        if not math.isfinite(loss_value):
+            self.optimizer.zero_grad(set_to_none=True)
+            where = self.last_checkpoint or "none yet"
+            raise TrainingDivergedError(
+                f"loss became {loss_value} at step {self.step}; the weights were not updated with it. Last good "
+                f"checkpoint: {where}. Lower train.lr, keep train.grad_clip on, or try train.amp='bf16' or 'off', "
+                "then resume.")
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(),
+                                                   tc.grad_clip if tc.grad_clip else float("inf"))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        self.step += 1
+        self.ema.update(self.raw_model, self.step)
+        return {"loss": loss_value, "grad_norm": float(grad_norm), "lr": lr}
+
+    # ---- periodic work ----------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Validation loss of the online and EMA weights, and per quartile of t (online).
+
+        t and noise come from a fixed generator, so values are comparable across steps.
+        """
+        if self.val_ds is None or len(self.val_ds) == 0:
+            return {}
+        from .data import make_loader
+
+        tc, T = self.cfg.train, self.diffusion.timesteps
+        g = torch.Generator().manual_seed(12345)
+        loader = make_loader(self.val_ds, min(self.micro_batch, len(self.val_ds)), shuffle=False, num_workers=0,
+                             drop_last=False, generator=torch.Generator().manual_seed(0))
+        sums = {"online": 0.0, "ema": 0.0}
+        buckets, counts, n = torch.zeros(4), torch.zeros(4), 0
+        for i, (x, y) in enumerate(loader):
+            if i >= tc.eval_batches:
+                break
+            x = x.to(self.device).float()
+            y = y.to(self.device).long() if self.cfg.data.class_cond else None
+            t = torch.randint(0, T, (x.shape[0],), generator=g)
+            noise = torch.randn(x.shape, generator=g)
+            t, noise = t.to(self.device), noise.to(self.device)
+            for name, net in (("online", self.raw_model), ("ema", self.ema.model)):
+                was = net.training
+                net.eval()
+                with self._autocast():
+                    per = self.diffusion.training_losses(net, x, t=t, noise=noise, y=y).cpu()
+                net.train(was)
+                sums[name] += per.sum().item()
+                if name == "online":
+                    q = (t.cpu() * 4 // T).clamp(max=3)
+                    buckets.index_add_(0, q, per)
+                    counts.index_add_(0, q, torch.ones_like(per))
+            n += x.shape[0]
+        row = {"step": self.step, "val_loss": sums["online"] / n, "val_loss_ema": sums["ema"] / n}
+        for k in range(4):
+            row[f"q{k + 1}"] = (buckets[k] / counts[k]).item() if counts[k] else float("nan")
+        return row
+
+    @torch.no_grad()
+    def sample(self, n: int | None = None, *, ema: bool = True, method: str = "ddim", steps: int | None = None,
+               seed: int = 0, **kw) -> torch.Tensor:
+        """Images (n, C, H, W) in [-1, 1] from the EMA (default) or online weights, with fixed noise."""
+        net = self.ema.model if ema else self.raw_model
+        n = n or self.cfg.train.num_samples
+        if self.cfg.unet.num_classes and "y" not in kw:
+            kw["y"] = torch.arange(n, device=self.device) % self.cfg.unet.num_classes
+        g = torch.Generator().manual_seed(seed)
+        return draw_samples(net, self.diffusion, n, method=method, steps=steps or self.cfg.train.sample_steps,
+                            generator=g, progress=False, device=self.device, **kw)
+
+    def save_samples(self) -> list[Path]:
+        out = []
+        for ema in (False, True):
+            images = self.sample(ema=ema)
+            tag = "ema" if ema else "online"
+            out.append(save_image(images, self.run_dir / "samples" / f"step_{self.step:07d}_{tag}.png",
+                                  scale=2 if self.cfg.unet.image_size < 64 else 1))
+            if self._tb is not None:
+                from .utils import make_grid
+                self._tb.add_image(f"samples/{tag}", make_grid(images), self.step, dataformats="HWC")
+        return out
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def train(self, until: int | None = None) -> list[dict]:
+        """Train until step `until` (default: cfg.train.steps). Returns the log rows."""
+        tc = self.cfg.train
+        until = min(until or tc.steps, tc.steps)
+        batches = self._batches()
+        bar = tqdm(total=until, initial=self.step, desc=self.cfg.name, disable=not (self.progress and self.is_main),
+                   dynamic_ncols=True)
+        t0, last_step, started = time.perf_counter(), self.step, time.perf_counter()
+        try:
+            while self.step < until:
+                out = self.train_step(batches)
+                bar.update(1)
+                bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{out['lr']:.2e}")
+                last = self.step == until
+                if self.is_main and (self.step % tc.log_every == 0 or last):
+                    now = time.perf_counter()
+                    row = {"step": self.step, **out,
+                           "images_per_s": (self.step - last_step) * tc.batch_size / max(now - t0, 1e-9),
+                           "time_s": now - started}
+                    t0, last_step = now, self.step
+                    self.history.append(row)
+                    self._log.append(row)
+                    if self._tb is not None:
+                        for k in ("loss", "lr", "grad_norm", "images_per_s"):
+                            self._tb.add_scalar(f"train/{k}", row[k], self.step)
+                    if self.on_log is not None:
+                        self.on_log(self, row)
+                if self.is_main and ((tc.eval_every and self.step % tc.eval_every == 0) or
+                                     (self.step == tc.steps)):
+                    row = self.evaluate()
+                    if row:
+                        self.val_history.append(row)
+                        self._val.append(row)
+                        if self._tb is not None:
+                            for k, v in row.items():
+                                if k != "step":
+                                    self._tb.add_scalar(f"val/{k}", v, self.step)
+                if self.is_main and ((tc.sample_every and self.step % tc.sample_every == 0) or
+                                     self.step == tc.steps):
+                    self.save_samples()
+                if (tc.ckpt_every and self.step % tc.ckpt_every == 0) or last:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+            if self._tb is not None:
+                self._tb.flush()
+        return self.history
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+    def summary(self) -> str:
+        return (f"{self.cfg.name}: UNet {count_parameters(self.raw_model) / 1e6:.2f}M params, "
+                f"{len(self.train_ds)} training images, batch {self.cfg.train.batch_size} "
+                f"(x{self.cfg.train.grad_accum} accumulation, {self.world} process(es)), "
+                f"amp={self.amp_dtype}, device={self.device}")
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _plain(d):
+    """Tuples -> lists recursively, so configs are YAML-friendly and load with weights_only=True."""
+    if isinstance(d, dict):
+        return {k: _plain(v) for k, v in d.items()}
+    if isinstance(d, (list, tuple)):
+        return [_plain(v) for v in d]
+    return d
+
+
+def unet_config_of(state: dict) -> UNetConfig:
+    """The UNetConfig saved in a checkpoint."""
+    return UNetConfig.from_dict(state["config"]["unet"])

@@ -1,0 +1,284 @@
+"""The trainer: exact resume, AMP really engaged, atomic checkpoints, clear errors, DDP on CPU."""
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+import ddpm_nb.train as train_mod
+from ddpm_nb.config import ConfigError, preset
+from ddpm_nb.train import (CheckpointError, EMA, Trainer, TrainingDivergedError, load_checkpoint, load_model,
+                           lr_factor, resolve_amp)
+from ddpm_nb.unet import UNet
+
+
+def _data(n=64, channels=1, size=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, channels, size, size, generator=g) * 2 - 1
+    y = torch.randint(0, 10, (n,), generator=g)
+    return TensorDataset(x, y)
+
+
+def _cfg(**over):
+    base = {"train.steps": 8, "train.ckpt_every": 4, "train.sample_every": 4, "train.eval_every": 4,
+            "train.log_every": 2, "train.num_samples": 4, "train.sample_steps": 3, "train.batch_size": 8,
+            "train.ema_decay": 0.9, "unet.dropout": 0.1, "data.hflip": True}
+    base.update(over)
+    return preset("tiny", **base)
+
+
+def _trainer(tmp_path, cfg=None, resume=False, **kw):
+    return Trainer(cfg or _cfg(), run_dir=tmp_path / "run", device="cpu", resume=resume, progress=False,
+                   train_dataset=_data(), val_dataset=_data(16, seed=1), **kw)
+
+
+def _assert_same_state(a: Trainer, b: Trainer):
+    for (n1, p1), (n2, p2) in zip(a.raw_model.state_dict().items(), b.raw_model.state_dict().items()):
+        assert n1 == n2 and torch.equal(p1, p2), n1
+    for p1, p2 in zip(a.ema.model.parameters(), b.ema.model.parameters()):
+        assert torch.equal(p1, p2)
+    s1, s2 = a.optimizer.state_dict()["state"], b.optimizer.state_dict()["state"]
+    for k in s1:
+        assert torch.equal(s1[k]["exp_avg_sq"], s2[k]["exp_avg_sq"])
+    assert a.step == b.step and a.micro_batches_seen == b.micro_batches_seen
+    assert a.scheduler.get_last_lr() == b.scheduler.get_last_lr()
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    """2N steps straight == N steps, a fresh process-like Trainer resumed from disk, N more steps.
+
+    Uses dropout, random flips, EMA, grad accumulation and an epoch boundary (64 images, batch 8
+    in 2 micro-batches of 4: 16 micro-batches per epoch; 8 steps = 16 micro-batches... plus eval
+    and sampling in between), so every source of randomness must be restored exactly.
+    """
+    cfg = _cfg(**{"train.steps": 10, "train.grad_accum": 2, "train.ckpt_every": 5})
+    straight = Trainer(cfg, run_dir=tmp_path / "a", device="cpu", progress=False,
+                       train_dataset=_data(), val_dataset=_data(16, seed=1))
+    straight.train()
+    first = Trainer(cfg, run_dir=tmp_path / "b", device="cpu", progress=False,
+                    train_dataset=_data(), val_dataset=_data(16, seed=1))
+    first.train(until=5)
+    torch.manual_seed(999)  # disturb the global RNG: resume must restore it
+    resumed = Trainer(cfg, run_dir=tmp_path / "b", device="cpu", progress=False, resume=True,
+                      train_dataset=_data(), val_dataset=_data(16, seed=1))
+    assert resumed.step == 5
+    resumed.train()
+    _assert_same_state(straight, resumed)
+    # the logs agree too, with no duplicated rows
+    log_a = (tmp_path / "a" / "log.csv").read_text()
+    log_b = (tmp_path / "b" / "log.csv").read_text()
+    steps = [line.split(",")[0] for line in log_b.splitlines()[1:]]
+    assert steps == sorted(set(steps), key=int)
+    rows_a = {l.split(",")[0]: l.split(",")[1] for l in log_a.splitlines()[1:]}
+    rows_b = {l.split(",")[0]: l.split(",")[1] for l in log_b.splitlines()[1:]}
+    assert set(rows_b) - set(rows_a) == {"5"}  # the interrupted run also logged where it stopped
+    assert all(rows_a[k] == rows_b[k] for k in rows_a)
+
+
+def test_bf16_autocast_really_engages_and_loss_stays_fp32(tmp_path):
+    cfg = _cfg(**{"train.amp": "bf16", "train.steps": 2})
+    tr = _trainer(tmp_path, cfg)
+    assert tr.amp_dtype == torch.bfloat16 and not tr.scaler.is_enabled()
+    seen = []
+
+    def record(module, inputs, output):
+        seen.append(output.dtype)
+
+    tr.raw_model.conv_in.register_forward_hook(record)
+    tr.raw_model.down[0].res[0].conv2.register_forward_hook(record)
+    original = tr.diffusion.training_losses
+    losses = []
+
+    def spy(*a, **k):
+        out = original(*a, **k)
+        losses.append(out.dtype)
+        return out
+
+    tr.diffusion.training_losses = spy
+    out = tr.train_step(tr._batches())
+    assert seen and all(d == torch.bfloat16 for d in seen)
+    assert losses == [torch.float32]
+    assert all(p.dtype == torch.float32 for p in tr.raw_model.parameters())  # master weights stay fp32
+    assert torch.isfinite(torch.tensor(out["loss"]))
+
+
+def test_fp16_uses_a_grad_scaler(tmp_path):
+    dtype, use_scaler = resolve_amp("fp16", torch.device("cpu"))
+    assert dtype == torch.float16 and use_scaler
+    tr = _trainer(tmp_path, _cfg(**{"train.amp": "fp16", "train.steps": 2}))
+    assert tr.scaler.is_enabled()
+    tr.train_step(tr._batches())
+    assert tr.scaler.get_scale() > 1.0
+    assert resolve_amp("auto", torch.device("cpu")) == (None, False)
+    assert resolve_amp("off", torch.device("cpu")) == (None, False)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    kw = dict(warmup=10, total=110, schedule="cosine", min_ratio=0.1)
+    assert lr_factor(0, **kw) == pytest.approx(0.1)
+    assert lr_factor(9, **kw) == pytest.approx(1.0)
+    assert lr_factor(60, **kw) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(110, **kw) == pytest.approx(0.1)
+    assert lr_factor(50, warmup=0, total=100, schedule="constant", min_ratio=0.1) == 1.0
+
+
+def test_ema_follows_its_formula():
+    model = torch.nn.Linear(2, 2)
+    ema = EMA(model, decay=0.5, start=2, warmup=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update(model, step=1)                    # before start: a copy
+    assert torch.equal(ema.model.weight, model.weight)
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    ema.update(model, step=2)                    # 0.5 * 1 + 0.5 * 3
+    assert torch.allclose(ema.model.weight, torch.full((2, 2), 2.0))
+    warm = EMA(model, decay=0.9999, warmup=True)
+    assert warm.current_decay(0) == pytest.approx(0.1)
+
+
+def test_checkpoint_is_weights_only_and_complete(tmp_path):
+    tr = _trainer(tmp_path, _cfg(**{"train.steps": 4}))
+    tr.train()
+    path = tmp_path / "run" / "checkpoints" / "latest.pt"
+    state = torch.load(path, weights_only=True)
+    assert state["format"] == "ddpm_nb-checkpoint" and state["version"] == 1 and state["step"] == 4
+    assert {"model", "ema", "optimizer", "scheduler", "scaler", "rng", "config"} <= set(state)
+    assert (tmp_path / "run" / "checkpoints" / "step_0000004.pt").exists()
+    model, diffusion, cfg = load_model(path, device="cpu")
+    assert cfg.unet == tr.cfg.unet and not model.training
+    for p1, p2 in zip(model.parameters(), tr.ema.model.parameters()):
+        assert torch.equal(p1, p2)
+
+
+def test_checkpoint_rotation_keeps_last_k(tmp_path):
+    tr = _trainer(tmp_path, _cfg(**{"train.steps": 8, "train.ckpt_every": 2, "train.keep_last": 2}))
+    tr.train()
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*.pt"))
+    assert kept == ["step_0000006.pt", "step_0000008.pt"]
+
+
+def test_crash_during_checkpoint_write_keeps_previous_latest(tmp_path, monkeypatch):
+    tr = _trainer(tmp_path, _cfg(**{"train.steps": 8}))
+    tr.train(until=4)
+    latest = tmp_path / "run" / "checkpoints" / "latest.pt"
+    before = latest.read_bytes()
+
+    def crashing_save(obj, fh, *a, **k):
+        fh.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("simulated crash: disk full")
+
+    monkeypatch.setattr(train_mod.torch, "save", crashing_save)
+    tr.train_step(tr._batches())
+    with pytest.raises(OSError, match="simulated crash"):
+        tr.save_checkpoint()
+    monkeypatch.undo()
+    assert latest.read_bytes() == before
+    assert load_checkpoint(latest)["step"] == 4
+    assert not [p for p in latest.parent.iterdir() if ".tmp" in p.name]
+
+
+def test_bad_checkpoints_give_one_clear_error(tmp_path):
+    tr = _trainer(tmp_path, _cfg(**{"train.steps": 4}))
+    tr.train()
+    good = tmp_path / "run" / "checkpoints" / "latest.pt"
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated, corrupt"):
+        load_checkpoint(truncated)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(CheckpointError, match="not a ddpm_nb checkpoint"):
+        load_checkpoint(foreign)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(os.urandom(1000))
+    with pytest.raises(CheckpointError, match="not a readable"):
+        load_checkpoint(junk)
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        load_checkpoint(tmp_path / "missing.pt")
+    # a checkpoint loaded into a network with other channels
+    state = load_checkpoint(good)
+    rgb = UNet(tr.cfg.unet.replace(in_channels=3))
+    with pytest.raises(CheckpointError, match="in_channels: checkpoint 1 vs now 3"):
+        train_mod._load_weights(rgb, state["model"], state["config"]["unet"], str(good))
+    # resuming with a changed network
+    bigger = tr.cfg.override({"unet.base_channels": 32})
+    with pytest.raises(CheckpointError, match="base_channels"):
+        _trainer(tmp_path, bigger, resume=True)
+
+
+def test_existing_run_is_never_overwritten(tmp_path):
+    _trainer(tmp_path, _cfg(**{"train.steps": 2})).train()
+    with pytest.raises(FileExistsError, match="--resume"):
+        _trainer(tmp_path, _cfg(**{"train.steps": 2}))
+
+
+def test_wrong_channels_for_the_data(tmp_path):
+    with pytest.raises(ConfigError, match="in_channels=1 but the dataset"):
+        Trainer(_cfg(), run_dir=tmp_path / "r", device="cpu", progress=False,
+                train_dataset=_data(channels=3), val_dataset=_data(8, channels=3))
+
+
+def test_nan_loss_stops_with_step_and_checkpoint(tmp_path):
+    tr = _trainer(tmp_path, _cfg(**{"train.steps": 8}))
+    tr.train(until=4)
+    before = [p.clone() for p in tr.raw_model.parameters()]
+    with torch.no_grad():
+        tr.raw_model.conv_out.bias.fill_(float("nan"))
+    with pytest.raises(TrainingDivergedError, match=r"at step 4.*Last good checkpoint: .*step_0000004.pt"):
+        tr.train_step(tr._batches())
+    assert tr.step == 4
+    assert all(torch.equal(a, b) for a, b in zip(before[:-2], list(tr.raw_model.parameters())[:-2]))
+
+
+def test_unwritable_results_dir(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(PermissionError, match="cannot write to the run folder"):
+        Trainer(_cfg(), run_dir=blocker / "run", device="cpu", progress=False, train_dataset=_data(),
+                val_dataset=_data(8))
+
+
+DDP_SCRIPT = textwrap.dedent("""
+    import sys, torch, torch.distributed as dist
+    from torch.utils.data import TensorDataset
+    from ddpm_nb.config import preset
+    from ddpm_nb.train import Trainer
+    g = torch.Generator().manual_seed(0)
+    ds = TensorDataset(torch.rand(64, 1, 16, 16, generator=g) * 2 - 1, torch.zeros(64, dtype=torch.long))
+    cfg = preset("tiny", **{"train.steps": 4, "train.batch_size": 8, "train.ckpt_every": 2, "train.sample_every": 4,
+                           "train.eval_every": 4, "train.num_samples": 4, "train.sample_steps": 2})
+    tr = Trainer(cfg, run_dir=sys.argv[1], device="cpu", progress=False, train_dataset=ds, val_dataset=ds)
+    assert tr.world == 2 and tr.micro_batch == 4
+    tr.train()
+    flat = torch.cat([p.flatten() for p in tr.ema.model.parameters()])
+    online = torch.cat([p.flatten() for p in tr.raw_model.parameters()])
+    both = [torch.zeros_like(flat) for _ in range(2)]
+    dist.all_gather(both, flat)
+    assert torch.equal(both[0], both[1]), "EMA differs across ranks"
+    dist.all_gather(both, online)
+    assert torch.equal(both[0], both[1]), "weights differ across ranks"
+    print(f"rank {tr.rank} ok step {tr.step}")
+    tr.close()
+""")
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_gloo(tmp_path):
+    script = tmp_path / "ddp_train.py"
+    script.write_text(DDP_SCRIPT)
+    run_dir = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), str(run_dir)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "rank 0 ok step 4" in proc.stdout and "rank 1 ok step 4" in proc.stdout
+    # rank 0 alone wrote the run folder
+    assert (run_dir / "checkpoints" / "latest.pt").exists()
+    assert load_checkpoint(run_dir / "checkpoints" / "latest.pt")["step"] == 4
+    rows = (run_dir / "log.csv").read_text().splitlines()
+    assert len(rows) == 1 + len({r.split(",")[0] for r in rows[1:]})
