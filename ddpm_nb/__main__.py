@@ -184,6 +184,14 @@ def cmd_animate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .train import export_weights
+
+    path = export_weights(args.checkpoint, args.out, ema=not args.online)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     from .unet import UNet, count_parameters
 
@@ -242,6 +250,12 @@ def make_parser() -> argparse.ArgumentParser:
     a.add_argument("--scale", type=int, default=4, help="nearest-neighbour upscaling of each image")
     a.add_argument("--no-mp4", action="store_true", help="write only the GIF")
     a.set_defaults(func=cmd_animate)
+
+    e = sub.add_parser("export", help="write a small sampling-only checkpoint (EMA weights + config)")
+    e.add_argument("checkpoint", help="a checkpoint .pt file or a run folder")
+    e.add_argument("--out", required=True, help="where to write the exported .pt")
+    e.add_argument("--online", action="store_true", help="export the online weights instead of the EMA")
+    e.set_defaults(func=cmd_export)
 
     pr = sub.add_parser("presets", help="list the named presets with their sizes")
     pr.set_defaults(func=cmd_presets)

@@ -44,6 +44,7 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "load_model",
+    "export_weights",
     "EpochSampler",
     "Trainer",
 ]
@@ -245,6 +246,19 @@ def load_model(path: str | os.PathLike, *, ema: bool = True, device=None):
                   state["config"]["unet"], str(path))
     diffusion = GaussianDiffusion(cfg.diffusion)
     return model.to(device).eval(), diffusion.to(device), cfg
+
+
+def export_weights(src: str | os.PathLike, dst: str | os.PathLike, *, ema: bool = True) -> Path:
+    """Write a small, sampling-only checkpoint: the config and one set of weights (EMA by default).
+
+    No optimizer, scaler or RNG state, so it is about a third of a training checkpoint and cannot be
+    resumed; `load_model` and `python -m ddpm_nb sample/animate` read it like any other.
+    """
+    state = load_checkpoint(src)
+    weights = state["ema"]["model"] if ema and state.get("ema") else state["model"]
+    slim = {key: state[key] for key in ("format", "version", "ddpm_nb_version", "config", "step") if key in state}
+    slim.update(model=weights, ema=None, exported_from=str(Path(src)), weights="ema" if ema else "online")
+    return save_checkpoint(slim, dst)
 
 
 # ---- distributed helpers ---------------------------------------------------------------------
