@@ -184,6 +184,50 @@ def cmd_animate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fid(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    import torch
+
+    from . import metrics
+    from .data import load_dataset, real_images
+    from .sample import sample
+
+    model, diffusion, cfg, kw = _load_for_sampling(args)
+    device = next(model.parameters()).device
+    if args.extractor == "fashion":
+        extractor = metrics.FashionMNISTFeatures().to(device)
+    else:
+        extractor = metrics.InceptionFeatures(args.inception_weights).to(device)
+    data_cfg = cfg.data.replace(class_cond=False, limit=None)
+    available = len(load_dataset(data_cfg, cfg.unet.image_size, split=args.split, train=False))
+    real = real_images(data_cfg, cfg.unet.image_size, min(2 * args.num, available), split=args.split, seed=args.seed)
+    gen = kw.pop("generator")
+    labels = kw.pop("y")
+    drawn = [0]
+
+    def sample_fn(n: int) -> torch.Tensor:
+        y = None
+        if labels is not None:  # cycle through the classes, as in the data
+            y = (torch.arange(drawn[0], drawn[0] + n, device=device) % cfg.unet.num_classes)
+        drawn[0] += n
+        return sample(model, diffusion, n, generator=gen, y=y, **kw)
+
+    started = time.perf_counter()
+    result = metrics.evaluate(sample_fn, real, extractor, num_samples=args.num, batch_size=args.batch,
+                              device=device, progress=not args.no_progress)
+    result.update(checkpoint=str(args.checkpoint), method=args.method,
+                  steps=args.steps if args.method == "ddim" else diffusion.timesteps, eta=args.eta,
+                  guidance_scale=args.guidance_scale, split=args.split, seconds=time.perf_counter() - started,
+                  device=str(device))
+    out = _out_dir(args, ".") / "fid.jsonl"
+    with open(out, "a") as fh:
+        fh.write(json.dumps(result) + "\n")
+    print(f"appended to {out}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from .train import export_weights
 
@@ -250,6 +294,17 @@ def make_parser() -> argparse.ArgumentParser:
     a.add_argument("--scale", type=int, default=4, help="nearest-neighbour upscaling of each image")
     a.add_argument("--no-mp4", action="store_true", help="write only the GIF")
     a.set_defaults(func=cmd_animate)
+
+    f = sub.add_parser("fid", help="FID/KID of a checkpoint's samples, with a real-vs-real baseline",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _sampling_args(f)
+    f.add_argument("--num", type=int, default=10_000, help="generated images (and real ones per baseline set)")
+    f.add_argument("--batch", type=int, default=256, help="sampling and feature batch size")
+    f.add_argument("--extractor", choices=["fashion", "inception"], default="fashion",
+                   help="features: the shipped FashionMNIST classifier (offline) or Inception-v3 (torch-fidelity)")
+    f.add_argument("--inception-weights", default=None, help="local Inception weights file (offline)")
+    f.add_argument("--split", default="train", help="real images to compare with (train/test/all)")
+    f.set_defaults(func=cmd_fid)
 
     e = sub.add_parser("export", help="write a small sampling-only checkpoint (EMA weights + config)")
     e.add_argument("checkpoint", help="a checkpoint .pt file or a run folder")
