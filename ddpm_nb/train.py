@@ -388,6 +388,8 @@ class Trainer:
         if resume and latest.exists():
             self._resume(latest)
         elif self.is_main:
+            self._log.trim(0)  # a fresh run: no rows from an earlier attempt that never checkpointed
+            self._val.trim(0)
             with open(self.run_dir / "config.yaml", "w") as fh:
                 yaml.safe_dump(_plain(cfg.to_dict()), fh, sort_keys=False)
         self._tb = None

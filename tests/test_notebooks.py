@@ -29,7 +29,9 @@ def test_lesson_is_clean_and_follows_the_skeleton(path):
     assert f"colab.research.google.com/github/{ddpm_nb.REPO_URL.split('github.com/')[1]}/blob/main/notebooks/" \
            f"{path.name}" in text
     setup = "".join(code[0]["source"])
-    assert '"google.colab" in sys.modules' in setup and "torch" not in setup.replace("ddpm_nb", "")
+    assert '"google.colab" in sys.modules' in setup
+    assert not re.search(r"install[^\n]*\b(torch|torchvision)\b", setup), "never reinstall Colab's torch"
+    assert "--no-deps" in setup
     # exactly one parameters cell, with the visible tiny switch
     params = [c for c in code if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(params) == 1
