@@ -222,6 +222,7 @@ class DataConfig(_Base):
     hflip: bool = _h("random horizontal flip", True)
     num_workers: int | None = _h("DataLoader workers; None = 0 in notebooks/CI, min(8, cpus) elsewhere", None)
     limit: int | None = _h("use only the first N images (quick experiments)", None)
+    in_memory: bool = _h("decode and resize the images once and keep them in memory (when under 2 GB)", True)
 
     def __post_init__(self):
         w = "DataConfig"

@@ -116,12 +116,20 @@ def resolve_amp(mode: str, device: torch.device) -> tuple[torch.dtype | None, bo
     if mode == "auto":
         if device.type != "cuda":
             return None, False
-        mode = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        mode = "bf16" if _native_bf16() else "fp16"
     if mode == "bf16":
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        if device.type == "cuda" and not _native_bf16():
             raise ConfigError("TrainConfig.amp: this GPU does not support bf16; use 'fp16' or 'auto'")
         return torch.bfloat16, False
     return torch.float16, True
+
+
+def _native_bf16() -> bool:
+    """bf16 in hardware (Ampere and newer); older GPUs such as a T4 only emulate it, slowly."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # older torch without the argument
+        return torch.cuda.is_bf16_supported()
 
 
 def lr_factor(step: int, *, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
@@ -349,6 +357,16 @@ class Trainer:
         if train_dataset is None:
             train_dataset, val_dataset = data_mod.train_val_datasets(data_cfg, cfg.unet.image_size)
         self.train_ds, self.val_ds = train_dataset, val_dataset
+        if cfg.data.in_memory:
+            self.train_ds = _materialize(self.train_ds, progress=progress and self.is_main)
+            if self.val_ds is not None:
+                self.val_ds = _materialize(self.val_ds, progress=False)
+        self._tensors = None
+        if isinstance(self.train_ds, torch.utils.data.TensorDataset):
+            images, labels = self.train_ds.tensors[:2]
+            if self.device.type == "cuda":
+                images, labels = images.to(self.device), labels.to(self.device)
+            self._tensors = (images, labels)
         channels = data_mod.dataset_channels(self.train_ds)
         if channels != cfg.unet.in_channels:
             raise ConfigError(f"UNetConfig.in_channels={cfg.unet.in_channels} but the dataset "
@@ -459,7 +477,8 @@ class Trainer:
                 f = self.run_dir / name
                 if f.exists():
                     with open(f, newline="") as fh:
-                        rows.extend({k: float(v) for k, v in r.items() if v != ""} for r in csv.DictReader(fh))
+                        rows.extend({k: int(float(v)) if k == "step" else float(v) for k, v in r.items() if v != ""}
+                                    for r in csv.DictReader(fh))
 
     # ---- data -------------------------------------------------------------------------------
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -473,6 +492,13 @@ class Trainer:
             epoch, skip = divmod(self.micro_batches_seen, per_epoch)
             sampler = EpochSampler(n, seed=self.cfg.train.seed, epoch=epoch, micro_batch=self.micro_batch,
                                    rank=self.rank, world=self.world, skip_batches=skip)
+            if self._tensors is not None:  # in memory (on the GPU when training there): index directly
+                images, labels = self._tensors
+                order = torch.tensor(list(sampler), dtype=torch.long)
+                for i in range(0, len(order) - self.micro_batch + 1, self.micro_batch):
+                    idx = order[i:i + self.micro_batch].to(images.device)
+                    yield images[idx], labels[idx]
+                continue
             # an explicit generator keeps the loader from drawing on the global RNG (dropout's)
             loader = make_loader(self.train_ds, self.micro_batch, shuffle=False, num_workers=self.num_workers,
                                  drop_last=True, sampler=sampler,
@@ -668,6 +694,32 @@ class Trainer:
                 f"{len(self.train_ds)} training images, batch {self.cfg.train.batch_size} "
                 f"(x{self.cfg.train.grad_accum} accumulation, {self.world} process(es)), "
                 f"amp={self.amp_dtype}, device={self.device}")
+
+
+IN_MEMORY_LIMIT = 2 * 1024 ** 3  # bytes of float32 images that `_materialize` may hold
+
+
+def _materialize(ds, *, progress: bool = False):
+    """Decode and resize every image once into a float32 TensorDataset (deterministic transforms only:
+    the trainer does the random flips itself). Skipped, returning `ds`, when it would exceed
+    IN_MEMORY_LIMIT. Saves JPEG decoding and resizing on every epoch, which otherwise starves a GPU."""
+    from torch.utils.data import TensorDataset
+
+    if isinstance(ds, TensorDataset) or len(ds) == 0:
+        return ds
+    x0, _ = ds[0]
+    if len(ds) * x0.numel() * 4 > IN_MEMORY_LIMIT:
+        return ds
+    from .data import default_num_workers, make_loader
+
+    loader = make_loader(ds, 256, shuffle=False, drop_last=False, num_workers=default_num_workers())
+    xs, ys = [], []
+    for x, y in tqdm(loader, desc="caching images in memory", disable=not progress, leave=False):
+        xs.append(x.float())
+        ys.append(torch.as_tensor(y).long())
+    out = TensorDataset(torch.cat(xs), torch.cat(ys))
+    out.channels = int(x0.shape[0])
+    return out
 
 
 class _null:

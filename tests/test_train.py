@@ -48,23 +48,39 @@ def _assert_same_state(a: Trainer, b: Trainer):
     assert a.scheduler.get_last_lr() == b.scheduler.get_last_lr()
 
 
-def test_resume_equals_uninterrupted_run(tmp_path):
+class _Plain(torch.utils.data.Dataset):
+    """A dataset that is not a TensorDataset: with data.in_memory=False it goes through a DataLoader."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        return self.ds[i]
+
+
+@pytest.mark.parametrize("in_memory", [True, False], ids=["in-memory", "dataloader"])
+def test_resume_equals_uninterrupted_run(tmp_path, in_memory):
     """2N steps straight == N steps, a fresh process-like Trainer resumed from disk, N more steps.
 
     Uses dropout, random flips, EMA, grad accumulation and an epoch boundary (64 images, batch 8
     in 2 micro-batches of 4: 16 micro-batches per epoch; 8 steps = 16 micro-batches... plus eval
     and sampling in between), so every source of randomness must be restored exactly.
     """
-    cfg = _cfg(**{"train.steps": 10, "train.grad_accum": 2, "train.ckpt_every": 5})
+    cfg = _cfg(**{"train.steps": 10, "train.grad_accum": 2, "train.ckpt_every": 5, "data.in_memory": in_memory})
+    wrap = (lambda ds: ds) if in_memory else _Plain
     straight = Trainer(cfg, run_dir=tmp_path / "a", device="cpu", progress=False,
-                       train_dataset=_data(), val_dataset=_data(16, seed=1))
+                       train_dataset=wrap(_data()), val_dataset=_data(16, seed=1))
+    assert (straight._tensors is not None) == in_memory
     straight.train()
     first = Trainer(cfg, run_dir=tmp_path / "b", device="cpu", progress=False,
-                    train_dataset=_data(), val_dataset=_data(16, seed=1))
+                    train_dataset=wrap(_data()), val_dataset=_data(16, seed=1))
     first.train(until=5)
     torch.manual_seed(999)  # disturb the global RNG: resume must restore it
     resumed = Trainer(cfg, run_dir=tmp_path / "b", device="cpu", progress=False, resume=True,
-                      train_dataset=_data(), val_dataset=_data(16, seed=1))
+                      train_dataset=wrap(_data()), val_dataset=_data(16, seed=1))
     assert resumed.step == 5
     resumed.train()
     _assert_same_state(straight, resumed)
