@@ -181,15 +181,21 @@ def ddim_step(diffusion: GaussianDiffusion, x_t: torch.Tensor, t: int, t_prev: i
     sigma = eta * sqrt((1 - abar_prev) / (1 - abar_t)) * sqrt(1 - abar_t / abar_prev).
     eta = 0 is deterministic; eta = 1 with every step is DDPM's ancestral sampler.
     """
-    ab = diffusion.schedule.alphas_cumprod
-    ab_t = ab[t]
-    ab_prev = ab[t_prev] if t_prev >= 0 else torch.ones_like(ab_t)
-    sigma = eta * torch.sqrt((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev))
-    x_prev = ab_prev.sqrt() * x0 + torch.sqrt((1 - ab_prev - sigma ** 2).clamp(min=0)) * eps
+    # the scalar coefficients in float64: 1 - abar loses digits in float32 near t = 0
+    # (1 - abar) from the buffer made in float64, not 1 - abar in float32 (which loses digits near t = 0)
+    s = diffusion.schedule
+    ab_t, one_minus_t = s.alphas_cumprod[t].double(), s.sqrt_one_minus_alphas_cumprod[t].double() ** 2
+    if t_prev >= 0:
+        ab_prev, one_minus_prev = s.alphas_cumprod[t_prev].double(), s.sqrt_one_minus_alphas_cumprod[t_prev].double() ** 2
+    else:
+        ab_prev, one_minus_prev = torch.ones_like(ab_t), torch.zeros_like(ab_t)
+    sigma = eta * torch.sqrt(one_minus_prev / one_minus_t * (1 - ab_t / ab_prev))
+    c_x0, c_eps = ab_prev.sqrt().float(), torch.sqrt((one_minus_prev - sigma ** 2).clamp(min=0)).float()
+    x_prev = c_x0 * x0 + c_eps * eps
     if eta > 0 and t_prev >= 0:
         if noise is None:
             noise = torch.randn_like(x0)
-        x_prev = x_prev + sigma * noise
+        x_prev = x_prev + sigma.float() * noise
     return x_prev
 
 
