@@ -357,9 +357,9 @@ PRESETS: dict[str, dict] = {
     # A laptop CPU in about ten minutes: recognisable clothing shapes.
     "quick": dict(unet=UNetConfig.quick(), diffusion=DiffusionConfig(timesteps=1000, schedule="cosine"),
                   data=DataConfig(dataset="fashion-mnist", hflip=True),
-                  train=TrainConfig(steps=2500, batch_size=64, lr=2e-3, warmup_steps=100, ema_decay=0.995,
-                                    ema_start=200, log_every=50, sample_every=500, eval_every=500,
-                                    ckpt_every=250, num_samples=64, sample_steps=50, eval_batches=4)),
+                  train=TrainConfig(steps=1200, batch_size=64, lr=2e-3, warmup_steps=100, ema_decay=0.995,
+                                    ema_start=200, log_every=50, sample_every=600, eval_every=300,
+                                    ckpt_every=200, num_samples=64, sample_steps=50, eval_batches=4)),
     "fashion-mnist": dict(diffusion=DiffusionConfig(timesteps=1000, schedule="cosine"),
                           **_fashion(UNetConfig.fashion_mnist(), steps=30_000, batch_size=256, lr=4e-4,
                                      warmup_steps=500, ema_decay=0.9995, amp="auto")),

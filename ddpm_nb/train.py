@@ -687,6 +687,7 @@ class Trainer:
         if self._tb is not None:
             self._tb.close()
         if self.distributed and dist.is_initialized():
+            dist.barrier()  # every rank done with gloo/nccl before any tears the group down
             dist.destroy_process_group()
 
     def summary(self) -> str:
