@@ -34,7 +34,7 @@ quick: $(VENV)/.installed
 # Unit tests + every notebook at tiny size under nbmake, in one pytest run.
 # pytest exits 5 when it collects nothing: that means the suite is broken, so it fails too.
 test: $(VENV)/.installed-dev
-	@DDPM_NB_TINY=1 $(BIN)/python -m pytest -q --nbmake --nbmake-timeout=600 \
+	@DDPM_NB_TINY=1 $(BIN)/python -m pytest -q --durations=8 --nbmake --nbmake-timeout=600 \
 	  --ignore-glob='notebooks/_scratch*' tests notebooks; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests: failing on purpose"; exit 1; fi; \
 	exit $$status
