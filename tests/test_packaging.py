@@ -1,11 +1,12 @@
 """Packaging: environment.yml lists what pyproject.toml lists; the CI script runs the README's test command."""
 import re
-import tomllib
 
+import pytest
 import yaml
 
 from ddpm_nb.utils import repo_root
 
+tomllib = pytest.importorskip("tomllib")  # Python 3.11+; the package itself supports 3.10
 ROOT = repo_root()
 CONDA_NAMES = {"torch": "pytorch"}  # PyPI name -> conda-forge name where they differ
 
