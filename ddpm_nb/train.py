@@ -11,6 +11,7 @@ A run lives in `results/<name>/`:
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import math
@@ -27,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__
-from .config import ConfigError, RunConfig, UNetConfig
+from .config import ConfigError, RunConfig
 from .diffusion import GaussianDiffusion
 from .sample import sample as draw_samples
 from .unet import UNet, count_parameters
@@ -523,7 +524,6 @@ class Trainer:
     # ---- one step ---------------------------------------------------------------------------
     def _autocast(self):
         if self.amp_dtype is None:
-            import contextlib
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
@@ -539,7 +539,7 @@ class Trainer:
             t = torch.randint(0, self.diffusion.timesteps, (b,), generator=self.gen, device=self.device)
             noise = torch.randn(x.shape, generator=self.gen, device=self.device)
             sync = i == tc.grad_accum - 1 or not self.distributed
-            ctx = self.model.no_sync() if not sync and hasattr(self.model, "no_sync") else _null()
+            ctx = self.model.no_sync() if not sync and hasattr(self.model, "no_sync") else contextlib.nullcontext()
             with ctx:
                 with self._autocast():
                     loss = self.diffusion.training_losses(self.model, x, t=t, noise=noise, y=y).mean()
@@ -723,14 +723,6 @@ def _materialize(ds, *, progress: bool = False):
     return out
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _plain(d):
     """Tuples -> lists recursively, so configs are YAML-friendly and load with weights_only=True."""
     if isinstance(d, dict):
@@ -738,8 +730,3 @@ def _plain(d):
     if isinstance(d, (list, tuple)):
         return [_plain(v) for v in d]
     return d
-
-
-def unet_config_of(state: dict) -> UNetConfig:
-    """The UNetConfig saved in a checkpoint."""
-    return UNetConfig.from_dict(state["config"]["unet"])
