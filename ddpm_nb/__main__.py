@@ -78,6 +78,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.results_dir:
         os.environ["DDPM_NB_RESULTS"] = str(Path(args.results_dir).resolve())
     if args.print_config:
+        from .train import _plain
         print(yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False))
         return 0
     trainer = Trainer(cfg, device=args.device, resume=args.resume, progress=not args.no_progress)
@@ -245,11 +246,6 @@ def cmd_presets(args: argparse.Namespace) -> int:
         print(f"{name:14s} {cfg.data.dataset:14s} {cfg.unet.image_size:3d}px x{cfg.unet.in_channels} "
               f"{n / 1e6:7.2f}M params  {cfg.train.steps:>7d} steps  batch {cfg.train.batch_size}")
     return 0
-
-
-def _plain(d):
-    from .train import _plain as plain
-    return plain(d)
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ddpm_nb.utils import atomic_write_bytes, make_grid
+from ddpm_nb.utils import atomic_path, atomic_write_bytes, make_grid
 
 __all__ = [
     "frame_schedule",
@@ -362,17 +362,12 @@ def write_mp4(frames: list[np.ndarray], path, *, fps: int = 20) -> Path:
     stack = _uniform(frames, multiple=16)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix or '.mp4'}")
-    try:
+    with atomic_path(path, suffix=".mp4") as tmp:
         iio.imwrite(
             tmp, stack, plugin="FFMPEG", fps=fps, codec="libx264", pixelformat="yuv420p",
             macro_block_size=16, quality=None, ffmpeg_log_level="error",
             output_params=["-crf", "18", "-movflags", "+faststart"],
         )
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

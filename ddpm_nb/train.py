@@ -16,6 +16,7 @@ import copy
 import csv
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ from .config import ConfigError, RunConfig
 from .diffusion import GaussianDiffusion
 from .sample import sample as draw_samples
 from .unet import UNet, count_parameters
-from .utils import pick_device, results_dir, save_image
+from .utils import atomic_path, pick_device, results_dir, save_image
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -171,31 +172,21 @@ class EpochSampler(torch.utils.data.Sampler):
 
 # ---- checkpoints -----------------------------------------------------------------------------
 def save_checkpoint(state: dict, path: str | os.PathLike, *, also: list[Path] = ()) -> Path:
-    """Write `state` atomically: to a temp file in the same folder, fsync, rename into place.
+    """Write `state` atomically (temp file, fsync, rename: `utils.atomic_path`).
 
     `also`: more names for the same file (hard links when possible), e.g. the step-numbered copy.
     A crash at any moment leaves the previous file intact.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        for other in also:
-            other_tmp = other.with_name(f".{other.name}.tmp-{os.getpid()}")
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(state, fh)
+    for other in also:
+        with atomic_path(other) as other_tmp:
             try:
-                os.link(tmp, other_tmp)
+                os.link(path, other_tmp)
             except OSError:
-                import shutil
-                shutil.copyfile(tmp, other_tmp)
-            os.replace(other_tmp, other)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+                shutil.copyfile(path, other_tmp)
     return path
 
 

@@ -4,6 +4,7 @@ Explained in notebooks/01_forward_process (grids) and used everywhere else.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -21,6 +22,7 @@ __all__ = [
     "to_uint8",
     "make_grid",
     "save_image",
+    "atomic_path",
     "atomic_write_bytes",
 ]
 
@@ -121,15 +123,28 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2, p
     return grid
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to a temp file next to `path`, fsync, then rename it into place."""
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str | None = None):
+    """Yield a temp path next to `path` (with `path`'s suffix, or `suffix`, so writers that pick a
+    format by the file name still work); when the block succeeds, fsync it and rename it over
+    `path`. On any error the temp file is removed and `path` is left as it was, so a crash never
+    leaves a half-written file under the real name."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix or suffix or ''}")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` atomically (see `atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def save_image(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None, scale: int = 1) -> Path:
