@@ -27,6 +27,8 @@ class GaussianDiffusion(nn.Module):
         self.schedule = schedule if schedule is not None else NoiseSchedule.from_config(self.cfg)
         if self.schedule.timesteps != self.cfg.timesteps:
             raise ValueError(f"schedule has {self.schedule.timesteps} steps but cfg.timesteps={self.cfg.timesteps}")
+        # decided once here: reading the buffer in split_output would sync a GPU at every sampler step
+        self._eps_from_clipped_x0 = self.cfg.objective != "v" or float(self.schedule.alphas_cumprod[-1]) > 0
 
     @property
     def timesteps(self) -> int:
@@ -98,7 +100,7 @@ class GaussianDiffusion(nn.Module):
             x0, eps = self.predict_x0_from_v(x_t, t, out), self.predict_eps_from_v(x_t, t, out)
         if clip_x0:
             x0 = x0.clamp(-1.0, 1.0)
-            if obj != "v" or self.schedule.alphas_cumprod[-1] > 0:
+            if self._eps_from_clipped_x0:
                 eps = self.predict_eps_from_x0(x_t, t, x0)
         return eps, x0
 
