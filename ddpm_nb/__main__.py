@@ -112,6 +112,8 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bf16", action="store_true", help="run the network under bf16 autocast (GPUs)")
     p.add_argument("--out", default=None, help="output folder (default: <run folder>/<command>)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: $DDPM_NB_THREADS or torch's choice)")
 
 
 def _load_for_sampling(args):
@@ -263,6 +265,8 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default=None, help="cuda, cuda:1, mps or cpu (default: best available)")
     t.add_argument("--results-dir", default=None, help="where run folders go (default: results/ or $DDPM_NB_RESULTS)")
     t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    t.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: $DDPM_NB_THREADS or torch's choice)")
     t.add_argument("--print-config", action="store_true", help="print the final configuration as YAML and exit")
     _add_config_flags(t)
     t.set_defaults(func=cmd_train)
@@ -319,6 +323,12 @@ def main(argv: list[str] | None = None) -> int:
         return bench_main(argv[1:])
     args = make_parser().parse_args(argv)
     try:
+        if hasattr(args, "threads"):
+            from .utils import set_threads
+            try:
+                set_threads(args.threads)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         return args.func(args)
     except (ConfigError, CheckpointError, DatasetNotFoundError, TrainingDivergedError, FileExistsError,
             PermissionError) as exc:

@@ -24,6 +24,7 @@ __all__ = [
     "save_image",
     "atomic_path",
     "atomic_write_bytes",
+    "set_threads",
 ]
 
 
@@ -44,6 +45,25 @@ def pick_device(prefer: str | None = None) -> torch.device:
     if mps is not None and mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def set_threads(n: int | str | None = None) -> int:
+    """Set torch's CPU thread count from `n`, else `DDPM_NB_THREADS`; returns the count in use.
+
+    On a 2-core machine where another process holds a core, one thread is often several times
+    faster than two (OpenMP threads spin at every barrier waiting for the busy core).
+    """
+    n = n if n is not None else os.environ.get("DDPM_NB_THREADS")
+    if n is None or n == "":
+        return torch.get_num_threads()
+    try:
+        n = int(n)
+    except (TypeError, ValueError):
+        raise ValueError(f"threads must be a positive integer, got {n!r} (--threads or DDPM_NB_THREADS)") from None
+    if n < 1:
+        raise ValueError(f"threads must be a positive integer, got {n} (--threads or DDPM_NB_THREADS)")
+    torch.set_num_threads(n)
+    return n
 
 
 def seed_everything(seed: int) -> torch.Generator:
