@@ -1,0 +1,105 @@
+"""Inception FID/KID of a shipped model against real images, with the real-vs-real floor and a
+DDIM step sweep. Appends one JSON line per measurement; prints a Markdown table.
+
+    python benchmarks/fid_table.py fashion-quick-cond --num 2000 --sweep-num 1000
+    python benchmarks/fid_table.py flowers-cpu-cond --num 2000 --sweep-num 1000
+
+Real images: 2 * num of the model's dataset (FashionMNIST: the test split, 10,000 images; Flowers102:
+all 8,189), shuffled with a fixed seed and split into two disjoint halves A and B. Samples are
+scored against A; B against A is the floor (what two real sets of this size score). Samples cycle
+through the classes (class-conditional models, guidance scale 1), DDIM with eta = 0 from fixed seeds.
+Features: InceptionFeatures() (the TF FID graph; needs `pip install "ddpm_nb[inception]"`).
+The sweep scores --sweep-num samples per step count against the first --sweep-num images of A.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import ddpm_nb
+from ddpm_nb import metrics
+from ddpm_nb.data import real_images
+from ddpm_nb.sample import sample
+
+
+def sampler(model, diffusion, cfg, steps: int, seed: int, batch: int):
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    drawn = [0]
+
+    def fn(n: int) -> torch.Tensor:
+        y = None
+        if cfg.unet.num_classes:
+            y = torch.arange(drawn[0], drawn[0] + n, device=device) % cfg.unet.num_classes
+        drawn[0] += n
+        return sample(model, diffusion, n, method="ddim", steps=steps, eta=0.0, y=y, generator=gen,
+                      progress=False, device=device)
+    return fn
+
+
+def score(ref: np.ndarray, fake: np.ndarray, seed: int = 0) -> dict:
+    m = min(1000, len(fake) // 2, len(ref) // 2)
+    kid_mean, kid_std = metrics.kid(ref, fake, subsets=100, subset_size=m, seed=seed)
+    return dict(fid=metrics.fid_from_features(ref, fake), kid_mean=kid_mean, kid_std=kid_std, kid_subset=m)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model", help="a shipped model name (ddpm_nb.shipped.PRETRAINED)")
+    p.add_argument("--num", type=int, default=2000, help="samples for the main DDIM-50 row (and real per half)")
+    p.add_argument("--sweep-num", type=int, default=1000, help="samples per DDIM step count in the sweep")
+    p.add_argument("--sweep", default="10,20,50,100", help="DDIM step counts for the sweep ('' = none)")
+    p.add_argument("--batch", type=int, default=100)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default="results/bench/fid_inception_cpu.jsonl")
+    args = p.parse_args(argv)
+    ddpm_nb.utils.set_threads(args.threads)
+    model, diffusion, cfg = ddpm_nb.pretrained(args.model, device="cpu")
+    extractor = metrics.InceptionFeatures()
+    split = "test" if cfg.data.dataset == "fashion-mnist" else "all"
+    data_cfg = cfg.data.replace(class_cond=False, limit=None, split=split)
+    t0 = time.perf_counter()
+    cache = Path(args.out).with_name(f"real_{cfg.data.dataset}_{split}_{cfg.unet.image_size}px_{2 * args.num}.npy")
+    if cache.is_file():
+        real = np.load(cache)
+    else:
+        imgs = real_images(data_cfg, cfg.unet.image_size, 2 * args.num, split=split, seed=0)
+        real = metrics.compute_features(extractor, imgs, args.batch, progress=False)
+        np.save(cache, real)
+    a, b = real[:args.num], real[args.num:2 * args.num]
+    base = dict(model=args.model, dataset=cfg.data.dataset, split=split, image_size=cfg.unet.image_size,
+                extractor=extractor.name, device="cpu", threads=torch.get_num_threads(),
+                date=time.strftime("%Y-%m-%d"))
+    rows = [dict(base, what="real vs real (floor)", n=args.num, **score(a, b), seconds=time.perf_counter() - t0)]
+    print(json.dumps(rows[-1]), flush=True)
+    runs = [(50, args.num)] + [(int(s), args.sweep_num) for s in args.sweep.split(",") if s and int(s) != 50]
+    for steps, n in runs:
+        t0 = time.perf_counter()
+        fake = metrics.compute_features(extractor, sampler(model, diffusion, cfg, steps, seed=1, batch=args.batch),
+                                        args.batch, num_samples=n, progress=False)
+        ref = a[:n]
+        rows.append(dict(base, what=f"DDIM-{steps}", steps=steps, eta=0.0, n=n, **score(ref, fake),
+                         seconds=time.perf_counter() - t0))
+        print(json.dumps(rows[-1]), flush=True)
+        if steps == 50 and n == args.num and args.sweep_num < n:  # the sweep's DDIM-50 point: the first samples
+            k = args.sweep_num
+            rows.append(dict(base, what="DDIM-50", steps=50, eta=0.0, n=k, **score(a[:k], fake[:k]), seconds=0.0))
+            rows.append(dict(base, what="real vs real (floor)", n=k, **score(a[:k], b[:k]), seconds=0.0))
+            print(json.dumps(rows[-2]), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "a") as fh:
+        for r in rows:
+            fh.write(json.dumps(r) + "\n")
+    print("| model | what | n | FID | KID x1e3 |\n| --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['model']} | {r['what']} | {r['n']} | {r['fid']:.2f} | {1e3 * r['kid_mean']:.2f} ± "
+              f"{1e3 * r['kid_std']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
