@@ -316,6 +316,9 @@ class DataConfig(_Base):
     num_workers: int | None = _h("DataLoader workers; None = 0 in notebooks/CI, min(8, cpus) elsewhere", None)
     limit: int | None = _h("use only the first N images (quick experiments)", None)
     in_memory: bool = _h("decode and resize the images once and keep them in memory (when under 2 GB)", True)
+    value_range: tuple[float, ...] | None = _h("for 'npy': [low, high] of the stored values, e.g. [0, 255] "
+                                               "for float arrays of 8-bit values; None = uint8 is 0..255, "
+                                               "floats must lie in [0, 1] or [-1, 1]", None)
 
     def __post_init__(self):
         _typed(self)
@@ -327,6 +330,8 @@ class DataConfig(_Base):
         _need(0.0 <= self.val_fraction < 0.5, f"{w}.val_fraction", f"must be in [0, 0.5), got {self.val_fraction}")
         _need(self.num_workers is None or self.num_workers >= 0, f"{w}.num_workers", "must be None or >= 0")
         _need(self.limit is None or self.limit > 0, f"{w}.limit", "must be None or > 0")
+        _need(self.value_range is None or (len(self.value_range) == 2 and self.value_range[0] < self.value_range[1]),
+              f"{w}.value_range", f"must be None or [low, high] with low < high, got {self.value_range}")
         _need(self.dataset not in ("imagefolder", "npy") or bool(self.path), f"{w}.path",
               f"dataset {self.dataset!r} needs path= the folder or file to read")
 

@@ -62,10 +62,12 @@ def no_network(monkeypatch):
 
 @pytest.fixture
 def env(tmp_path, monkeypatch, no_network):
-    """An empty data root and an empty cache, both under tmp_path; no network."""
+    """An empty default data root (as a fresh clone's data/ without the full sets) and an empty cache,
+    both under tmp_path; no network. (An explicit DDPM_NB_DATA that is empty is an error instead.)"""
     root, cache = tmp_path / "root", tmp_path / "cache"
     root.mkdir()
-    monkeypatch.setenv("DDPM_NB_DATA", str(root))
+    monkeypatch.delenv("DDPM_NB_DATA", raising=False)
+    monkeypatch.setattr(data, "data_root", lambda: root)
     monkeypatch.setenv("DDPM_NB_CACHE", str(cache))
     monkeypatch.setattr(data, "_NOTIFIED", set())
     return root, cache
@@ -318,7 +320,8 @@ def test_numpy_arrays_layouts_and_ranges(tmp_path, layout):
         "float255": base.astype(np.float32),
     }
     np.save(tmp_path / "x.npy", arrays[layout])
-    cfg = DataConfig(dataset="npy", path=str(tmp_path / "x.npy"), hflip=False)
+    cfg = DataConfig(dataset="npy", path=str(tmp_path / "x.npy"), hflip=False,
+                     value_range=(0, 255) if layout == "float255" else None)  # floats of 0..255: say so
     ds = data.load_dataset(cfg, 8)
     c = 1 if layout in ("NHW", "NCHW-1") else 3
     assert len(ds) == 5 and data.dataset_channels(ds) == c and data.dataset_num_classes(cfg) is None
