@@ -331,6 +331,10 @@ class Trainer:
         if good:
             self.last_checkpoint = path
             self._good_step = self.step
+        else:
+            print(f"note: step {self.step}: the loss blew up or the weights are not finite; checkpoint written as "
+                  f"{path.name} only, latest.pt stays the last good one ({self.last_checkpoint or 'none yet'})",
+                  file=sys.stderr)
         return path
 
     def _healthy(self, loss: float | None) -> bool:
