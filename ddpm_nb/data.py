@@ -706,7 +706,8 @@ def _numpy_arrays(path: Path, split: str, transform: ImageTransform,
     x = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
     if value_range is not None:
         low, high = map(float, value_range)
-        outside = [(f, lo, hi) for f, lo, hi in ranges if lo < low or hi > high]
+        tol = 1e-6 * (high - low)  # float32 arrays: 1.2 is stored as 1.2000000477
+        outside = [(f, lo, hi) for f, lo, hi in ranges if lo < low - tol or hi > high + tol]
     elif x.dtype == np.uint8:
         low, high, outside = 0.0, 255.0, []
     else:
@@ -721,7 +722,7 @@ def _numpy_arrays(path: Path, split: str, transform: ImageTransform,
     if x.dtype == np.uint8 and value_range is None:
         images = torch.from_numpy(np.ascontiguousarray(x))
     else:  # -> float32 in [0, 1]
-        images = torch.from_numpy(((x.astype(np.float32) - low) / (high - low)).astype(np.float32))
+        images = torch.from_numpy(np.clip((x.astype(np.float32) - low) / (high - low), 0.0, 1.0))
     y = (np.concatenate(labels) if all(v is not None for v in labels)
          else np.full(len(x), -1, np.int64))
     return TensorImages(images, torch.from_numpy(y), transform, f"numpy arrays in {path}")
