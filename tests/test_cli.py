@@ -8,6 +8,7 @@ from pathlib import Path
 
 import imageio.v3 as iio
 import pytest
+import yaml
 
 from ddpm_nb.__main__ import build_config, make_parser, main
 from ddpm_nb.train import load_checkpoint
@@ -259,3 +260,28 @@ def test_two_trainings_with_one_name_the_second_stops(tmp_path):
     steps = [int(r.split(",")[0]) for r in (run / "log.csv").read_text().splitlines()[1:]]
     assert steps == list(range(5, 61, 5))  # the first run's rows, each once
     assert load_checkpoint(run)["step"] == 60
+
+
+@pytest.mark.slow
+def test_kills_at_any_moment_of_resume_lose_no_checkpointed_row(tmp_path):
+    """SIGKILL `train --resume` during startup, the log trim and training: every logged row up to
+    the last checkpoint survives, no row is doubled, and no temp file is left once it finishes."""
+    args = ["train", "--preset", "tiny", "--train.ckpt_every", "5", "--train.sample_every", "0",
+            "--train.eval_every", "0", "--no-progress"]
+    assert _cli(args + ["--steps", "10"], tmp_path).returncode == 0
+    run = tmp_path / "results" / "tiny"
+    for delay in (0.2, 0.8, 1.5, 2.5, 3.5):
+        proc = subprocess.Popen([sys.executable, "-m", "ddpm_nb", *args, "--steps", "30", "--resume"],
+                                env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        saved = load_checkpoint(run)["step"]
+        steps = [int(r.split(",")[0]) for r in (run / "log.csv").read_text().splitlines()[1:]]
+        assert steps == sorted(set(steps)) and set(range(5, saved + 1, 5)) <= set(steps), (delay, saved, steps)
+        assert yaml.safe_load((run / "config.yaml").read_text())["name"] == "tiny"
+    done = _cli(args + ["--steps", "30", "--resume"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = [int(r.split(",")[0]) for r in (run / "log.csv").read_text().splitlines()[1:]]
+    assert steps == list(range(5, 31, 5))
+    assert not list(run.rglob(".*.tmp-*"))
