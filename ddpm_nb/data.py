@@ -6,7 +6,8 @@ Every dataset built here yields `(image, label)` pairs:
 - `label`: int class index, or -1 when the source has no labels.
 
 Where the data comes from (the *data root*): `DataConfig.root`, else `$DDPM_NB_DATA`, else the
-repository's `data/`. With internet access FashionMNIST and Flowers102 download there by themselves.
+repository's `data/` (an explicit root must be an existing folder: a typo is an error, not a
+fallback). With internet access FashionMNIST and Flowers102 download there by themselves.
 Offline, point `DDPM_NB_DATA` at a folder that already holds them (the course's `../shared/data`).
 A read-only root is only ever read; downloads then go to the cache (`$DDPM_NB_CACHE` or
 `~/.cache/ddpm_nb`). Download attempts give up at once when the server cannot be reached (or when
