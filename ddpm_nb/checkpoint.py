@@ -15,6 +15,7 @@ when the next process takes the run over. Explained in notebooks/03_training.
 from __future__ import annotations
 
 import csv
+import math
 import os
 import shutil
 from pathlib import Path
@@ -40,6 +41,7 @@ __all__ = [
     "load_checkpoint",
     "load_model",
     "export_weights",
+    "is_good_checkpoint",
     "CsvLog",
     "RunFolder",
 ]
@@ -178,6 +180,17 @@ def export_weights(src: str | os.PathLike, dst: str | os.PathLike, *, ema: bool 
     slim = {key: state[key] for key in ("format", "version", "ddpm_nb_version", "config", "step") if key in state}
     slim.update(model=weights, ema=None, exported_from=str(Path(src)), weights="ema" if ema else "online")
     return save_checkpoint(slim, dst)
+
+
+def is_good_checkpoint(model: nn.Module, recent_losses: list[float], all_losses: list[float]) -> bool:
+    """May a checkpoint of `model` be called good? Its weights are finite, and every loss since the last
+    good checkpoint is finite and at most max(1, 10 x the best loss so far): 1 is about what
+    predicting zero costs, so a loss far above it means the weights exploded even while finite."""
+    with torch.no_grad():
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            return False
+    best = min((v for v in all_losses if math.isfinite(v)), default=1.0)
+    return all(math.isfinite(v) and v <= max(1.0, 10.0 * best) for v in map(float, recent_losses))
 
 
 # ---- the run folder --------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError, RunFolder, RunInUseError,
+                         is_good_checkpoint,
                          config_differences as _config_differences, export_weights, load_checkpoint, load_model,
                          load_weights as _load_weights, plain as _plain, save_checkpoint)
 from .config import ConfigError, RunConfig
@@ -181,6 +182,16 @@ class EpochSampler(torch.utils.data.Sampler):
         return (self.batches - self.skip) * self.micro_batch
 
 
+def _apply_train_settings(optimizer, scheduler, tc) -> None:
+    """Put lr, weight decay and betas of `tc` into a restored optimizer, and the lr schedule of `tc`
+    (its lambda already reads tc's steps and warm-up) at the restored step."""
+    for group in optimizer.param_groups:
+        group.update(initial_lr=tc.lr, weight_decay=tc.weight_decay, betas=tc.betas)
+    scheduler.base_lrs = [tc.lr] * len(optimizer.param_groups)
+    for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * fn(scheduler.last_epoch)
+
+
 # ---- distributed helpers ---------------------------------------------------------------------
 def _dist_env() -> tuple[int, int, int]:
     """(rank, world_size, local_rank), from torchrun's environment variables."""
@@ -199,8 +210,6 @@ class Trainer:
     def __init__(self, cfg: RunConfig, *, run_dir: str | os.PathLike | None = None, device=None,
                  resume: bool = False, progress: bool = True, on_log: Callable | None = None,
                  train_dataset=None, val_dataset=None):
-        from . import data as data_mod
-
         self.cfg, self.progress, self.on_log = cfg, progress, on_log
         tc = cfg.train
         self.rank, self.world, local_rank = _dist_env()
@@ -226,27 +235,7 @@ class Trainer:
         if self.is_main:
             self.folder.open(resume=resume)
 
-        # data: flips happen here with our own generator, so the datasets themselves are deterministic
-        data_cfg = cfg.data.replace(hflip=False)
-        if train_dataset is None:
-            train_dataset, val_dataset = data_mod.train_val_datasets(data_cfg, cfg.unet.image_size)
-        self.train_ds, self.val_ds = train_dataset, val_dataset
-        if cfg.data.in_memory:
-            self.train_ds = _materialize(self.train_ds, progress=progress and self.is_main)
-            if self.val_ds is not None:
-                self.val_ds = _materialize(self.val_ds, progress=False)
-        self._tensors = None
-        if isinstance(self.train_ds, torch.utils.data.TensorDataset):
-            images, labels = self.train_ds.tensors[:2]
-            if self.device.type == "cuda":
-                images, labels = images.to(self.device), labels.to(self.device)
-            self._tensors = (images, labels)
-        channels = data_mod.dataset_channels(self.train_ds)
-        if channels != cfg.unet.in_channels:
-            raise ConfigError(f"UNetConfig.in_channels={cfg.unet.in_channels} but the dataset "
-                              f"{cfg.data.dataset!r} has {channels} channel(s); set unet.in_channels={channels}")
-        self.num_workers = cfg.data.num_workers if cfg.data.num_workers is not None \
-            else data_mod.default_num_workers()
+        self._setup_data(train_dataset, val_dataset)
 
         # model, EMA, optimizer
         torch.manual_seed(tc.seed)
@@ -338,16 +327,8 @@ class Trainer:
         return path
 
     def _healthy(self, loss: float | None) -> bool:
-        """Finite weights, and every loss since the last good checkpoint finite and at most
-        max(1, 10 x the best logged loss): 1 is what predicting zero costs, so a loss far above it
-        means the weights exploded even when they are still finite."""
-        with torch.no_grad():
-            if not all(bool(torch.isfinite(p).all()) for p in self.raw_model.parameters()):
-                return False
-        losses = [r["loss"] for r in self.history if r["step"] > self._good_step]
-        losses += [float(loss)] if loss is not None else []
-        best = min((r["loss"] for r in self.history if math.isfinite(r["loss"])), default=1.0)
-        return all(math.isfinite(v) and v <= max(1.0, 10.0 * best) for v in losses)
+        losses = [r["loss"] for r in self.history if r["step"] > self._good_step] + ([loss] if loss is not None else [])
+        return is_good_checkpoint(self.raw_model, losses, [r["loss"] for r in self.history])
 
     def _resume(self, path: Path) -> None:
         state = load_checkpoint(path, map_location=self.device)
@@ -373,12 +354,7 @@ class Trainer:
         changed = _config_differences({k: saved.get(k, {}) for k in ("data", "train")},
                                       {k: _plain(getattr(self.cfg, k).to_dict()) for k in ("data", "train")})
         if changed:  # the new settings apply from here on; the optimizer state keeps its moments
-            tc = self.cfg.train
-            for group in self.optimizer.param_groups:
-                group.update(initial_lr=tc.lr, weight_decay=tc.weight_decay, betas=tc.betas)
-            self.scheduler.base_lrs = [tc.lr] * len(self.optimizer.param_groups)
-            for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
-                group["lr"] = base * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+            _apply_train_settings(self.optimizer, self.scheduler, self.cfg.train)
             self.notes.append(f"resuming step {self.step} with changed settings, applied from here on: "
                               + "; ".join(d.replace(": checkpoint ", ": ").replace(" vs now ", " -> ")
                                           for d in changed))
@@ -389,6 +365,33 @@ class Trainer:
             self.val_history.extend(self.folder.val.rows())
 
     # ---- data -------------------------------------------------------------------------------
+    def _setup_data(self, train_dataset, val_dataset) -> None:
+        """The datasets (built from cfg.data unless given), cached in memory when asked. Flips happen in
+        `_prepare` with our own generator, so the datasets themselves are deterministic."""
+        from . import data as data_mod
+
+        cfg = self.cfg
+        data_cfg = cfg.data.replace(hflip=False)
+        if train_dataset is None:
+            train_dataset, val_dataset = data_mod.train_val_datasets(data_cfg, cfg.unet.image_size)
+        self.train_ds, self.val_ds = train_dataset, val_dataset
+        if cfg.data.in_memory:
+            self.train_ds = _materialize(self.train_ds, progress=self.progress and self.is_main)
+            if self.val_ds is not None:
+                self.val_ds = _materialize(self.val_ds, progress=False)
+        self._tensors = None
+        if isinstance(self.train_ds, torch.utils.data.TensorDataset):
+            images, labels = self.train_ds.tensors[:2]
+            if self.device.type == "cuda":
+                images, labels = images.to(self.device), labels.to(self.device)
+            self._tensors = (images, labels)
+        channels = data_mod.dataset_channels(self.train_ds)
+        if channels != cfg.unet.in_channels:
+            raise ConfigError(f"UNetConfig.in_channels={cfg.unet.in_channels} but the dataset "
+                              f"{cfg.data.dataset!r} has {channels} channel(s); set unet.in_channels={channels}")
+        self.num_workers = cfg.data.num_workers if cfg.data.num_workers is not None \
+            else data_mod.default_num_workers()
+
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Endless micro-batches starting at `micro_batches_seen`, identical across resumes."""
         from .data import make_loader
