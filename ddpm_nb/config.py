@@ -159,8 +159,9 @@ class UNetConfig(_Base):
     image_size: int = _h("height = width of the images, in pixels", 32)
     in_channels: int = _h("image channels: 1 (grayscale) or 3 (RGB)", 3)
     base_channels: int = _h("channels of the first level; level i has base_channels * channel_mults[i]", 64)
-    channel_mults: tuple[int, ...] = _h("channel multiplier per resolution level; each level after the first halves H and W",
-                              (1, 2, 2, 2))
+    channel_mults: tuple[int, ...] = _h("channel multiplier per resolution level; each level after the first "
+                                        "halves H and W",
+                                        (1, 2, 2, 2))
     num_res_blocks: int = _h("residual blocks per level on the way down (one more on the way up)", 2)
     attn_resolutions: tuple[int, ...] = _h("feature-map sizes (pixels) that get self-attention, e.g. (16,)", (16,))
     attn_head_channels: int = _h("channels per attention head (heads = channels // this)", 64)
