@@ -2,13 +2,19 @@
 
 Every training setting is a flag named after its place in the config (`--train.lr 1e-4`,
 `--unet.dropout 0`, `--data.dataset flowers102`), with a few short aliases (`--steps`,
-`--batch-size`, `--lr`, `--amp`, `--dataset`). Values are parsed as YAML, so `--unet.channel_mults
-[1,2,2]`, `--train.grad_clip null` and `--data.class_cond true` work.
+`--batch-size`, `--lr`, `--amp`, `--dataset`). Values are parsed as YAML, then converted to each
+field's declared type, so `--train.lr 1e-4`, `--unet.channel_mults [1,2,2]` (or `1,2,2`),
+`--train.grad_clip null` (or `off`), `--train.amp off` and `--data.class_cond true` work.
+
+Every user error (a bad value, a missing file, a full disk) ends in one `error:` line on stderr
+and exit status 2, with nothing already written lost.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
+import math
 import os
 import sys
 from pathlib import Path
@@ -44,15 +50,24 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
                            help=f"same as --{target}")
 
 
+def _yaml(text: str, where: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ConfigError(f"{where}: not valid YAML{at}: {getattr(exc, 'problem', None) or exc}") from None
+
+
 def build_config(args: argparse.Namespace) -> RunConfig:
-    """Preset, then the YAML file, then --section.field flags; later ones win."""
+    """Preset, then the YAML file, then --section.field flags; later ones win. Every value is
+    converted to its field's declared type (see config._convert)."""
     cfg = preset(args.preset)
     if args.config:
         path = Path(args.config)
         if not path.is_file():
             raise ConfigError(f"--config: no such file {path}")
-        with open(path) as fh:
-            loaded = yaml.safe_load(fh) or {}
+        loaded = _yaml(path.read_text(), f"--config {path}") or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"--config: {path} must hold a mapping of sections (unet, diffusion, data, train)")
         base = cfg.to_dict()
@@ -65,21 +80,41 @@ def build_config(args: argparse.Namespace) -> RunConfig:
     overrides = {}
     for key, raw in vars(args).items():
         if key.startswith("cfg:") and raw is not None:
-            overrides[key[4:]] = yaml.safe_load(raw)
+            try:
+                overrides[key[4:]] = yaml.safe_load(raw)
+            except yaml.YAMLError:  # e.g. "[1,2": the field's own conversion judges the raw text
+                overrides[key[4:]] = raw
     if args.name:
         overrides["name"] = args.name
     return cfg.override(overrides) if overrides else cfg
+
+
+def _device(name: str | None):
+    """`--device` checked up front: a torch.device, or one ConfigError saying what is available."""
+    from .utils import pick_device
+
+    try:
+        device = pick_device(name)
+        mps = getattr(__import__("torch").backends, "mps", None)
+        if device.type == "mps" and not (mps is not None and mps.is_available()):
+            raise RuntimeError("Apple's MPS is not available on this machine")
+        return device
+    except (RuntimeError, ValueError) as exc:
+        raise ConfigError(f"--device {name!r}: {str(exc).splitlines()[0] if str(exc) else 'unknown device'}. "
+                          "Use cpu, cuda, cuda:N or mps (whichever this machine has).") from None
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import Trainer
 
     cfg = build_config(args)
+    if not args.print_config:
+        _device(args.device)
     if args.results_dir:
         os.environ["DDPM_NB_RESULTS"] = str(Path(args.results_dir).resolve())
     if args.print_config:
-        from .train import _plain
-        print(yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False))
+        from .checkpoint import plain
+        print(yaml.safe_dump(plain(cfg.to_dict()), sort_keys=False))
         return 0
     trainer = Trainer(cfg, device=args.device, resume=args.resume, progress=not args.no_progress)
     if trainer.is_main:
@@ -116,12 +151,38 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
                    help="CPU threads for torch (default: $DDPM_NB_THREADS or torch's choice)")
 
 
+def _check_sampling_args(args) -> None:
+    """Every numeric sampling flag checked before anything is loaded (one error line each)."""
+    def need(ok: bool, flag: str, what: str, value) -> None:
+        if not ok:
+            raise ConfigError(f"{flag} must be {what}, got {value}")
+
+    need(args.steps >= 1, "--steps", "at least 1", args.steps)
+    need(math.isfinite(args.eta) and args.eta >= 0, "--eta", "a number >= 0 (0 deterministic, 1 ancestral)",
+         args.eta)
+    need(math.isfinite(args.guidance_scale) and args.guidance_scale >= 0, "--guidance-scale", "a number >= 0",
+         args.guidance_scale)
+    need(args.num >= (2 if args.command == "fid" else 1), "--num",
+         "at least 2 (FID compares two sets of features)" if args.command == "fid" else "at least 1", args.num)
+    if args.command == "animate":
+        need(args.frames >= 2, "--frames", "at least 2", args.frames)
+        need(args.fps >= 1, "--fps", "at least 1", args.fps)
+        need(args.scale >= 1, "--scale", "at least 1", args.scale)
+    if args.command == "fid":
+        need(args.batch >= 1, "--batch", "at least 1", args.batch)
+    _device(args.device)
+
+
 def _load_for_sampling(args):
     import torch
 
-    from .train import load_model
+    from .checkpoint import load_model
 
+    _check_sampling_args(args)
     model, diffusion, cfg = load_model(args.checkpoint, ema=not args.online, device=args.device)
+    if args.method == "ddim" and args.steps > diffusion.timesteps:
+        raise ConfigError(f"--steps {args.steps} is more than the model's {diffusion.timesteps} diffusion steps; "
+                          f"use at most {diffusion.timesteps}")
     labels = None
     if cfg.unet.num_classes:
         if args.label is not None:
@@ -133,6 +194,9 @@ def _load_for_sampling(args):
         labels = labels.to(next(model.parameters()).device)
     elif args.label is not None:
         raise ConfigError("--class given but this checkpoint's model is unconditional (num_classes=None)")
+    elif args.guidance_scale != 1.0:
+        raise ConfigError(f"--guidance-scale {args.guidance_scale} has no effect: this checkpoint's model is "
+                          "unconditional (num_classes=None); leave it at 1")
     kw = dict(method=args.method, steps=args.steps, eta=args.eta, y=labels, guidance_scale=args.guidance_scale,
               generator=torch.Generator().manual_seed(args.seed), progress=not args.no_progress,
               dtype=torch.bfloat16 if args.bf16 else None)
@@ -232,7 +296,7 @@ def cmd_fid(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .train import export_weights
+    from .checkpoint import export_weights
 
     path = export_weights(args.checkpoint, args.out, ema=not args.online)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
@@ -314,8 +378,10 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .checkpoint import CheckpointError
     from .data import DatasetNotFoundError
-    from .train import CheckpointError, TrainingDivergedError
+    from .train import TrainingDivergedError
+    from .utils import DiskFullError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:  # the benchmark has its own parser; hand it every argument as is
@@ -331,9 +397,17 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(str(exc)) from None
         return args.func(args)
     except (ConfigError, CheckpointError, DatasetNotFoundError, TrainingDivergedError, FileExistsError,
-            PermissionError) as exc:
+            PermissionError, DiskFullError, ValueError) as exc:
+        # ValueError: the package validates user input at its edges (data, sampling) with ValueErrors
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            where = f" {exc.filename}" if exc.filename else ""
+            print(f"error: could not write{where}: no space left on the device. Free some space and run the "
+                  "command again; files already written are intact", file=sys.stderr)
+            return 2
+        raise
     except KeyboardInterrupt:
         print("interrupted; resume with the same command plus --resume", file=sys.stderr)
         return 130

@@ -7,6 +7,8 @@ from without remembering its settings.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -48,6 +50,83 @@ def _need(ok: bool, where: str, message: str) -> None:
         raise ConfigError(f"{where}: {message}")
 
 
+_NONE_WORDS = ("none", "null", "off", "~", "")
+_BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False,
+               "0": False}
+_EXPECTED = {"int": "an integer", "float": "a finite number (e.g. 2e-4)", "bool": "true or false", "str": "text",
+             "tuple[int, ...]": "a list of integers such as [1, 2, 2]",
+             "tuple[float, ...]": "a list of numbers such as [0.9, 0.999]"}
+
+
+class _Bad(Exception):
+    pass
+
+
+def _scalar(kind: str, v):
+    """`v` (from a flag, YAML or code) as a `kind` value; _Bad when it does not convert exactly."""
+    if kind == "bool":
+        if isinstance(v, bool):
+            return v
+        if isinstance(v, (int, str)) and str(v).strip().lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[str(v).strip().lower()]
+        raise _Bad
+    if kind == "str":
+        if isinstance(v, bool):  # YAML reads off/on/no/yes as booleans: --train.amp off means 'off'
+            return "on" if v else "off"
+        if isinstance(v, (str, int, float)):
+            return str(v)
+        raise _Bad
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        raise _Bad
+    try:
+        x = float(v.strip()) if isinstance(v, str) else v  # any notation: 1e-4, 2E-4, 0.0002, 1_000
+    except ValueError:
+        raise _Bad from None
+    if not math.isfinite(x):
+        raise _Bad
+    if kind == "float":
+        return float(x)
+    if isinstance(x, int):
+        return x
+    if isinstance(v, str) and re.fullmatch(r"\s*[+-]?\d[\d_]*\s*", v):
+        return int(v)
+    if float(x).is_integer():
+        return int(x)
+    raise _Bad
+
+
+def _convert(where: str, kind: str, value):
+    """`value` converted to the declared type `kind` ('int', 'float | None', 'tuple[int, ...]', ...), or
+    one ConfigError naming the field, the value and the expected type."""
+    optional = kind.endswith("| None")
+    base = kind.replace("| None", "").strip()
+    if optional and (value is None or value is False or
+                     (isinstance(value, str) and value.strip().lower() in _NONE_WORDS)):
+        return None
+    try:
+        if base.startswith("tuple"):
+            elem = "float" if "float" in base else "int"
+            if isinstance(value, str):
+                parts = [p for p in re.split(r"[,\s]+", value.strip().strip("[]()")) if p]
+            elif isinstance(value, (list, tuple)):
+                parts = list(value)
+            else:
+                parts = [value]
+            return tuple(_scalar(elem, p) for p in parts)
+        return _scalar(base, value)
+    except _Bad:
+        expected = _EXPECTED.get(base, base) + (" or none" if optional else "")
+        raise ConfigError(f"{where}: cannot use {value!r}: expected {expected}") from None
+
+
+def _typed(obj) -> None:
+    """Convert every field of a frozen config dataclass to its declared type (see `_convert`)."""
+    for f in fields(obj):
+        if isinstance(f.type, str) and f.type.replace(" | None", "") in _EXPECTED:
+            object.__setattr__(obj, f.name, _convert(f"{type(obj).__name__}.{f.name}", f.type,
+                                                     getattr(obj, f.name)))
+
+
 class _Base:
     """Shared dict conversion for the config dataclasses."""
 
@@ -80,10 +159,11 @@ class UNetConfig(_Base):
     image_size: int = _h("height = width of the images, in pixels", 32)
     in_channels: int = _h("image channels: 1 (grayscale) or 3 (RGB)", 3)
     base_channels: int = _h("channels of the first level; level i has base_channels * channel_mults[i]", 64)
-    channel_mults: tuple = _h("channel multiplier per resolution level; each level after the first halves H and W",
-                              (1, 2, 2, 2))
+    channel_mults: tuple[int, ...] = _h("channel multiplier per resolution level; each level after the first "
+                                        "halves H and W",
+                                        (1, 2, 2, 2))
     num_res_blocks: int = _h("residual blocks per level on the way down (one more on the way up)", 2)
-    attn_resolutions: tuple = _h("feature-map sizes (pixels) that get self-attention, e.g. (16,)", (16,))
+    attn_resolutions: tuple[int, ...] = _h("feature-map sizes (pixels) that get self-attention, e.g. (16,)", (16,))
     attn_head_channels: int = _h("channels per attention head (heads = channels // this)", 64)
     dropout: float = _h("dropout inside residual blocks", 0.1)
     num_classes: int | None = _h("number of classes for conditioning; None = unconditional "
@@ -91,8 +171,7 @@ class UNetConfig(_Base):
     norm_groups: int = _h("GroupNorm groups; every channel count must be divisible by it", 32)
 
     def __post_init__(self):
-        object.__setattr__(self, "channel_mults", tuple(int(m) for m in self.channel_mults))
-        object.__setattr__(self, "attn_resolutions", tuple(int(r) for r in self.attn_resolutions))
+        _typed(self)
         w = "UNetConfig"
         _need(self.in_channels in (1, 3), f"{w}.in_channels", f"must be 1 or 3, got {self.in_channels}")
         _need(self.image_size > 0, f"{w}.image_size", f"must be positive, got {self.image_size}")
@@ -206,6 +285,7 @@ class DiffusionConfig(_Base):
                                      None)
 
     def __post_init__(self):
+        _typed(self)
         w = "DiffusionConfig"
         _need(isinstance(self.timesteps, int) and self.timesteps >= 2, f"{w}.timesteps",
               f"must be an integer >= 2, got {self.timesteps!r}")
@@ -237,8 +317,12 @@ class DataConfig(_Base):
     num_workers: int | None = _h("DataLoader workers; None = 0 in notebooks/CI, min(8, cpus) elsewhere", None)
     limit: int | None = _h("use only the first N images (quick experiments)", None)
     in_memory: bool = _h("decode and resize the images once and keep them in memory (when under 2 GB)", True)
+    value_range: tuple[float, ...] | None = _h("for 'npy': [low, high] of the stored values, e.g. [0, 255] "
+                                               "for float arrays of 8-bit values; None = uint8 is 0..255, "
+                                               "floats must lie in [0, 1] or [-1, 1]", None)
 
     def __post_init__(self):
+        _typed(self)
         w = "DataConfig"
         _need(self.dataset in DATASETS, f"{w}.dataset",
               f"unknown dataset {self.dataset!r}; allowed: {', '.join(DATASETS)}")
@@ -247,6 +331,8 @@ class DataConfig(_Base):
         _need(0.0 <= self.val_fraction < 0.5, f"{w}.val_fraction", f"must be in [0, 0.5), got {self.val_fraction}")
         _need(self.num_workers is None or self.num_workers >= 0, f"{w}.num_workers", "must be None or >= 0")
         _need(self.limit is None or self.limit > 0, f"{w}.limit", "must be None or > 0")
+        _need(self.value_range is None or (len(self.value_range) == 2 and self.value_range[0] < self.value_range[1]),
+              f"{w}.value_range", f"must be None or [low, high] with low < high, got {self.value_range}")
         _need(self.dataset not in ("imagefolder", "npy") or bool(self.path), f"{w}.path",
               f"dataset {self.dataset!r} needs path= the folder or file to read")
 
@@ -260,7 +346,7 @@ class TrainConfig(_Base):
     grad_accum: int = _h("micro-batches per optimizer step (batch_size must be divisible)", 1)
     lr: float = _h("peak learning rate (AdamW)", 2e-4)
     weight_decay: float = _h("AdamW weight decay", 0.0)
-    betas: tuple = _h("AdamW betas", (0.9, 0.999))
+    betas: tuple[float, ...] = _h("AdamW betas (beta1, beta2), each in [0, 1)", (0.9, 0.999))
     warmup_steps: int = _h("linear warm-up steps", 500)
     lr_schedule: str = _h("'cosine' (decay to min_lr_ratio * lr after warm-up) or 'constant'", "cosine")
     min_lr_ratio: float = _h("final lr as a fraction of lr for the cosine schedule", 0.1)
@@ -284,7 +370,7 @@ class TrainConfig(_Base):
     seed: int = _h("random seed", 0)
 
     def __post_init__(self):
-        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        _typed(self)
         w = "TrainConfig"
         for name in ("steps", "batch_size", "grad_accum", "num_samples", "sample_steps", "eval_batches"):
             _need(int(getattr(self, name)) >= 1, f"{w}.{name}", f"must be >= 1, got {getattr(self, name)}")
@@ -294,6 +380,9 @@ class TrainConfig(_Base):
         _need(self.batch_size % self.grad_accum == 0, f"{w}.grad_accum",
               f"batch_size={self.batch_size} must be divisible by grad_accum={self.grad_accum}")
         _need(self.lr > 0, f"{w}.lr", f"must be > 0, got {self.lr}")
+        _need(self.weight_decay >= 0, f"{w}.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _need(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas), f"{w}.betas",
+              f"must be two numbers in [0, 1) such as [0.9, 0.999], got {list(self.betas)}")
         _need(self.amp in AMP_MODES, f"{w}.amp", f"unknown mode {self.amp!r}; allowed: {', '.join(AMP_MODES)}")
         _need(self.lr_schedule in ("cosine", "constant"), f"{w}.lr_schedule",
               f"must be 'cosine' or 'constant', got {self.lr_schedule!r}")
@@ -315,11 +404,15 @@ class RunConfig(_Base):
     SECTIONS = {"unet": UNetConfig, "diffusion": DiffusionConfig, "data": DataConfig, "train": TrainConfig}
 
     def __post_init__(self):
+        _typed(self)
         _need(bool(self.name) and "/" not in self.name and self.name not in (".", ".."), "RunConfig.name",
               f"must be a plain folder name, got {self.name!r}")
         if self.data.class_cond:
             _need(self.unet.num_classes is not None, "UNetConfig.num_classes",
                   "data.class_cond=True needs unet.num_classes (10 for FashionMNIST, 102 for Flowers102)")
+        _need(self.train.sample_steps <= self.diffusion.timesteps, "TrainConfig.sample_steps",
+              f"{self.train.sample_steps} DDIM steps for the sample grids, but the diffusion has only "
+              f"timesteps={self.diffusion.timesteps}; use at most {self.diffusion.timesteps}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
@@ -328,6 +421,10 @@ class RunConfig(_Base):
         if unknown:
             raise ConfigError(f"RunConfig: unknown section(s) {sorted(unknown)}; allowed: name, "
                               f"{', '.join(cls.SECTIONS)}")
+        for k in cls.SECTIONS:
+            if k in d and not isinstance(d[k], (dict, cls.SECTIONS[k])):
+                raise ConfigError(f"RunConfig.{k}: expected a mapping of {cls.SECTIONS[k].__name__} fields, "
+                                  f"got {d[k]!r}")
         kwargs = {k: sec.from_dict(d[k]) if isinstance(d.get(k), dict) else d[k]
                   for k, sec in cls.SECTIONS.items() if k in d}
         if "name" in d:

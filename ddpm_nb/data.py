@@ -6,7 +6,8 @@ Every dataset built here yields `(image, label)` pairs:
 - `label`: int class index, or -1 when the source has no labels.
 
 Where the data comes from (the *data root*): `DataConfig.root`, else `$DDPM_NB_DATA`, else the
-repository's `data/`. With internet access FashionMNIST and Flowers102 download there by themselves.
+repository's `data/` (an explicit root must be an existing folder: a typo is an error, not a
+fallback). With internet access FashionMNIST and Flowers102 download there by themselves.
 Offline, point `DDPM_NB_DATA` at a folder that already holds them (the course's `../shared/data`).
 A read-only root is only ever read; downloads then go to the cache (`$DDPM_NB_CACHE` or
 `~/.cache/ddpm_nb`). Download attempts give up at once when the server cannot be reached (or when
@@ -43,6 +44,7 @@ from .utils import data_root, repo_root
 __all__ = [
     "DatasetNotFoundError",
     "BundledDataWarning",
+    "UnreadableImageWarning",
     "ImageTransform",
     "build_transform",
     "load_dataset",
@@ -84,6 +86,57 @@ class BundledDataWarning(UserWarning):
     """FashionMNIST fell back to the test split bundled in data/FashionMNIST-test/."""
 
 
+class UnreadableImageWarning(UserWarning):
+    """Image files that cannot be decoded (empty, truncated, not an image) were skipped."""
+
+
+_BAD_FILES: set[str] = set()  # unreadable images already warned about (once each)
+
+
+def _reason(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:120] if lines else type(exc).__name__
+
+
+def _unreadable(path: str) -> str | None:
+    """Why `path` cannot be used as an image (None when it can). Cheap: the header, plus a full
+    decode only for a JPEG/PNG whose end marker is missing (a truncated file)."""
+    from PIL import Image
+
+    try:
+        size = os.path.getsize(path)
+        if size == 0:
+            return "empty file"
+        with Image.open(path) as img:
+            with open(path, "rb") as fh:
+                fh.seek(max(0, size - 16))
+                tail = fh.read()
+            complete = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}.get(img.format, b"") in tail
+            if not complete:
+                img.load()
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        return _reason(exc)
+    return None
+
+
+def _drop_unreadable(files: list[str], labels: list[int], where: Path) -> tuple[list[str], list[int]]:
+    """Keep the decodable images; one warning names the others and their count; none left is an error."""
+    bad = [(f, why) for f in files if (why := _unreadable(f))]
+    if not bad:
+        return files, labels
+    skip = {f for f, _ in bad}
+    _BAD_FILES.update(skip)
+    kept = [(f, y) for f, y in zip(files, labels) if f not in skip]
+    names = "; ".join(f"{os.path.relpath(f, where)} ({why})" for f, why in bad[:5])
+    more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
+    if not kept:
+        raise DatasetNotFoundError(f"no readable images in {where}: all {len(bad)} image files failed to "
+                                   f"decode: {names}{more}")
+    warnings.warn(f"skipped {len(bad)} unreadable image file(s) of {len(files)} in {where}: {names}{more}",
+                  UnreadableImageWarning, stacklevel=3)
+    return [f for f, _ in kept], [y for _, y in kept]
+
+
 # ---------------------------------------------------------------------------------------------
 # Paths, permissions, network
 # ---------------------------------------------------------------------------------------------
@@ -96,9 +149,23 @@ def cache_dir() -> Path:
 
 
 def _root(cfg: DataConfig) -> Path:
-    """`cfg.root`, else `$DDPM_NB_DATA`, else the repository's data/ (see `_user_path` for relative paths)."""
+    """`cfg.root`, else `$DDPM_NB_DATA`, else the repository's data/ (see `_user_path` for relative paths).
+
+    An explicit setting must name an existing folder: a typo is an error, not a silent fallback."""
     given = cfg.root or os.environ.get("DDPM_NB_DATA")
-    return _user_path(given, data=False) if given else data_root()
+    if not given:
+        return data_root()
+    path = _user_path(given, data=False)
+    what = "DataConfig.root" if cfg.root else "DDPM_NB_DATA"
+    if not path.is_dir():
+        raise DatasetNotFoundError(f"{what}={given!r} is {'a file' if path.exists() else 'not there'} ({path}); "
+                                   f"it must be the folder that holds the datasets. Fix or unset {what}.")
+    return path
+
+
+def _explicit_empty_root(cfg: DataConfig, root: Path) -> bool:
+    """An explicitly set data root (DataConfig.root / DDPM_NB_DATA) with nothing in it."""
+    return bool(cfg.root or os.environ.get("DDPM_NB_DATA")) and root.is_dir() and not any(root.iterdir())
 
 
 def _user_path(p: str | os.PathLike, *, data: bool = True) -> Path:
@@ -164,7 +231,8 @@ def _not_found(name: str, looked: list[Path], detail: str) -> DatasetNotFoundErr
 class ImageTransform:
     """PIL image, (H, W[, C]) numpy array or (C, H, W) tensor -> (C, H, W) float32 in [-1, 1].
 
-    uint8 inputs are divided by 255, float inputs are taken to be in [0, 1]. Steps: convert to
+    uint8 inputs are divided by 255, float inputs are taken to be in [0, 1]. PIL images of every
+    mode decode correctly (see `_pil_to_tensor`: 16-bit scaled, alpha composited over white). Steps: convert to
     `channels` (1: luminance, 3: RGB; None keeps the input's), resize the shorter side to
     `image_size` (bicubic, antialias), center-crop to a square, random horizontal flip when `hflip`,
     then x -> 2x - 1. Explained in notebooks/03_training.
@@ -183,8 +251,7 @@ class ImageTransform:
         elif isinstance(img, torch.Tensor):
             x = img.unsqueeze(0) if img.dim() == 2 else img
         else:  # PIL
-            mode = {1: "L", 3: "RGB"}.get(self.channels) or ("L" if img.mode in ("1", "L", "LA") else "RGB")
-            x = TF.pil_to_tensor(img if img.mode == mode else img.convert(mode))
+            x = _pil_to_tensor(img, self.channels)
         if x.dim() != 3 or x.shape[0] not in (1, 3):
             raise ValueError(f"expected an image of shape (C, H, W) with C = 1 or 3, got {tuple(x.shape)}")
         x = x.float().div(255.0) if x.dtype == torch.uint8 else x.float()
@@ -200,6 +267,34 @@ class ImageTransform:
         if self.hflip and torch.rand(()) < 0.5:
             x = x.flip(-1)
         return (x * 2.0 - 1.0).contiguous()
+
+
+_GRAY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+def _pil_to_tensor(img, channels: int | None) -> torch.Tensor:
+    """A PIL image of any mode -> (C, H, W): uint8, or float32 in [0, 1] for 16/32-bit modes.
+
+    16-bit images (mode I;16 / I) are divided by 65535, not clipped at 255; float images (F) are
+    taken as [0, 1] when their maximum is at most 1, else [0, 255]. Transparency (RGBA, LA,
+    palette with a transparent colour) is composited over a white background, the usual look of
+    a cut-out or icon. CMYK, palette, YCbCr and 1-bit images are converted by PIL. `channels`
+    1 or 3 converts to grayscale or RGB; None keeps grayscale images grayscale, all others RGB.
+    """
+    import torchvision.transforms.functional as TF
+    from PIL import Image
+
+    gray = img.mode in _GRAY_MODES
+    if img.mode in _GRAY_MODES[4:]:  # high bit depth: numpy keeps the values that convert("L") would clip
+        a = np.asarray(img, dtype=np.float32)
+        a = a / (65535.0 if img.mode != "F" else (1.0 if a.max(initial=0.0) <= 1.0 else 255.0))
+        x = torch.from_numpy(np.clip(a, 0.0, 1.0))[None]
+        return x.expand(3, -1, -1) if channels == 3 else x
+    if img.mode in ("RGBA", "LA", "La", "RGBa", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    mode = {1: "L", 3: "RGB"}.get(channels) or ("L" if gray else "RGB")
+    return TF.pil_to_tensor(img if img.mode == mode else img.convert(mode))
 
 
 def _check_size_channels(image_size, channels) -> None:
@@ -273,11 +368,22 @@ class ImageFiles(_Images):
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        """The i-th image; one that cannot be decoded is skipped (one warning naming it) and the next
+        readable one is returned in its place, so a damaged file never stops a training run."""
         from PIL import Image
 
-        with Image.open(self.files[i]) as img:
-            img.load()
-            return self.transform(img), self.labels[i]
+        for k in range(len(self.files)):
+            j = (i + k) % len(self.files)
+            try:
+                with Image.open(self.files[j]) as img:
+                    img.load()
+                    return self.transform(img), self.labels[j]
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+                if self.files[j] not in _BAD_FILES:
+                    _BAD_FILES.add(self.files[j])
+                    warnings.warn(f"skipping unreadable image {self.files[j]} ({_reason(exc)}); "
+                                  f"{len(_BAD_FILES)} skipped so far", UnreadableImageWarning, stacklevel=2)
+        raise DatasetNotFoundError(f"none of the {len(self.files)} images of {self.source} can be decoded")
 
     def head(self, n: int) -> "ImageFiles":
         out = copy.copy(self)
@@ -371,7 +477,7 @@ def _download_fashion(root: Path, sources: list[Path]) -> Path:
 _NOTIFIED: set[tuple[str, str]] = set()
 
 
-def _fashion_mnist(root: Path, split: str, transform: ImageTransform) -> TensorImages:
+def _fashion_mnist(root: Path, split: str, transform: ImageTransform, *, explicit_empty: bool = False) -> TensorImages:
     if split == "val":
         raise ValueError("FashionMNIST has no 'val' split: use split='train', 'test' or 'all' (train+test); "
                          "for validation set DataConfig.val_split='test' or hold out val_fraction of train")
@@ -388,6 +494,10 @@ def _fashion_mnist(root: Path, split: str, transform: ImageTransform) -> TensorI
         except OSError as exc:
             reason = str(exc)
             bundled = _find_idx_pair(_bundled_dirs(root), "test")
+            if explicit_empty:  # the user pointed us at a folder, and it is empty: say so, no fallback
+                raise _not_found("FashionMNIST", dirs, f"The data root {root} was set explicitly (DataConfig.root or "
+                                 f"DDPM_NB_DATA) but is empty, and the download failed ({reason}). "
+                                 + _offline_hint("FashionMNIST/raw/*.gz"))
             if bundled is None:
                 raise _not_found(
                     "FashionMNIST", dirs + _bundled_dirs(root),
@@ -566,32 +676,54 @@ def _labels_from_npz_only(files: list[Path]) -> np.ndarray | None:
     return np.concatenate(labels)
 
 
-def _numpy_arrays(path: Path, split: str, transform: ImageTransform) -> TensorImages:
+def _numpy_arrays(path: Path, split: str, transform: ImageTransform,
+                  value_range: tuple[float, float] | None = None) -> TensorImages:
+    """Images from .npy/.npz files. The value rule is explicit: uint8 arrays are 0..255; float
+    arrays must already lie in [0, 1] or in [-1, 1] (all files together decide which); anything
+    else is an error naming the file and its range, unless `value_range` (DataConfig.value_range,
+    e.g. (0, 255)) says what the stored values span. Nothing is ever silently clipped."""
     if split not in ("train", "all"):
         raise ValueError(f"numpy arrays at {path} have no {split!r} split: use split='train' or 'all' and "
                          "hold out val_fraction for validation")
-    arrays, labels = [], []
+    arrays, labels, ranges = [], [], []
     for f in _npy_files(path):
         a, y = _load_array_file(f)
         a = _to_nchw(a, str(f))
-        if not (a.dtype == np.uint8 or np.issubdtype(a.dtype, np.floating)):
-            raise ValueError(f"{f}: images must be uint8 (0..255) or float, got dtype {a.dtype}")
+        if not (a.dtype == np.uint8 or np.issubdtype(a.dtype, np.floating) or
+                (value_range and np.issubdtype(a.dtype, np.integer))):
+            raise ValueError(f"{f}: images must be uint8 (0..255) or float, got dtype {a.dtype} (for other "
+                             "integer types set data.value_range, e.g. [0, 65535])")
         if arrays and a.shape[1:] != arrays[0].shape[1:]:
             raise ValueError(f"{f}: images of shape {a.shape[1:]} (C, H, W) do not match the first file's "
                              f"{arrays[0].shape[1:]}")
         if y is not None and len(y.reshape(-1)) != len(a):
             raise ValueError(f"{f}: {len(y.reshape(-1))} labels for {len(a)} images")
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        if not np.isfinite([lo, hi]).all():
+            raise ValueError(f"{f}: the image array contains NaN or inf")
         arrays.append(a)
+        ranges.append((f, lo, hi))
         labels.append(None if y is None else y.reshape(-1).astype(np.int64))
     x = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
-    if x.dtype == np.uint8:
+    if value_range is not None:
+        low, high = map(float, value_range)
+        tol = 1e-6 * (high - low)  # float32 arrays: 1.2 is stored as 1.2000000477
+        outside = [(f, lo, hi) for f, lo, hi in ranges if lo < low - tol or hi > high + tol]
+    elif x.dtype == np.uint8:
+        low, high, outside = 0.0, 255.0, []
+    else:
+        negative = any(lo < 0 for _, lo, _ in ranges)
+        low, high = (-1.0, 1.0) if negative else (0.0, 1.0)
+        outside = [(f, lo, hi) for f, lo, hi in ranges if lo < low or hi > high]
+    if outside:
+        f, lo, hi = outside[0]
+        allowed = f"data.value_range [{low:g}, {high:g}]" if value_range is not None else "[0, 1] or [-1, 1]"
+        raise ValueError(f"{f}: values span [{lo:g}, {hi:g}], outside {allowed}. Rescale the arrays, save "
+                         "them as uint8 (0..255), or set data.value_range to the range they use (e.g. [0, 255])")
+    if x.dtype == np.uint8 and value_range is None:
         images = torch.from_numpy(np.ascontiguousarray(x))
-    else:  # float: [0, 1], [-1, 1] (has negatives) or [0, 255] (max above 1) -> float32 [0, 1]
-        lo, hi = float(x.min()), float(x.max())
-        if not np.isfinite([lo, hi]).all():
-            raise ValueError(f"{path}: the image arrays contain NaN or inf")
-        scale = (lambda v: (v + 1.0) / 2.0) if lo < 0 else (lambda v: v / 255.0) if hi > 1.0 else (lambda v: v)
-        images = torch.from_numpy(scale(x.astype(np.float32))).clamp_(0.0, 1.0)
+    else:  # -> float32 in [0, 1]
+        images = torch.from_numpy(np.clip((x.astype(np.float32) - low) / (high - low), 0.0, 1.0))
     y = (np.concatenate(labels) if all(v is not None for v in labels)
          else np.full(len(x), -1, np.int64))
     return TensorImages(images, torch.from_numpy(y), transform, f"numpy arrays in {path}")
@@ -619,7 +751,7 @@ def load_dataset(cfg: DataConfig, image_size: int, *, split: str | None = None, 
     default_channels = {"fashion-mnist": 1, "flowers102": 3, "imagefolder": 3}.get(cfg.dataset)
     transform = ImageTransform(int(image_size), bool(cfg.hflip and train), channels or default_channels)
     if cfg.dataset == "fashion-mnist":
-        ds = _fashion_mnist(_root(cfg), split, transform)
+        ds = _fashion_mnist(_root(cfg), split, transform, explicit_empty=_explicit_empty_root(cfg, _root(cfg)))
     elif cfg.dataset == "flowers102":
         ds = _flowers102(_root(cfg), split, transform)
     elif cfg.dataset == "imagefolder":
@@ -627,9 +759,10 @@ def load_dataset(cfg: DataConfig, image_size: int, *, split: str | None = None, 
         if not path.is_dir():
             raise ValueError(f"DataConfig.path={cfg.path!r} must be a folder for dataset 'imagefolder'")
         files, labels, classes = _scan_image_folder(path, split)
+        files, labels = _drop_unreadable(files, labels, path)
         ds = ImageFiles(files, labels, transform, f"image folder {path} ({split!r})", classes)
     elif cfg.dataset == "npy":
-        ds = _numpy_arrays(_source_path(cfg), split, transform)
+        ds = _numpy_arrays(_source_path(cfg), split, transform, getattr(cfg, "value_range", None))
     else:
         raise ValueError(f"unknown dataset {cfg.dataset!r}; allowed: fashion-mnist, flowers102, imagefolder, npy")
     return ds.head(cfg.limit) if cfg.limit else ds

@@ -2,43 +2,41 @@
 
 Explained in notebooks/03_training.
 
-A run lives in `results/<name>/`:
-    config.yaml           the full RunConfig
-    checkpoints/latest.pt the newest checkpoint (atomic: temp file + rename)
-    checkpoints/step_N.pt the last `keep_last` checkpoints
-    samples/step_N_{online,ema}.png
-    log.csv, val.csv      training and validation rows (TensorBoard in tb/ when installed)
+A run lives in `results/<name>/` (config.yaml, checkpoints/, samples/, log.csv, val.csv): the
+folder, its lock and the checkpoint format are `ddpm_nb.checkpoint`'s; this module is the loop.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
-import csv
 import math
 import os
-import shutil
+import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
-import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__
+from .checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError, RunFolder, RunInUseError,
+                         is_good_checkpoint,
+                         config_differences as _config_differences, export_weights, load_checkpoint, load_model,
+                         load_weights as _load_weights, plain as _plain, save_checkpoint)
 from .config import ConfigError, RunConfig
 from .diffusion import GaussianDiffusion
 from .sample import sample as draw_samples
 from .unet import UNet, count_parameters
-from .utils import atomic_path, pick_device, results_dir, save_image
+from .utils import pick_device, results_dir, save_image
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_VERSION",
     "CheckpointError",
+    "RunInUseError",
     "TrainingDivergedError",
     "EMA",
     "resolve_amp",
@@ -51,14 +49,6 @@ __all__ = [
     "EpochSampler",
     "Trainer",
 ]
-
-CHECKPOINT_FORMAT = "ddpm_nb-checkpoint"
-CHECKPOINT_VERSION = 1
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be used: missing, truncated, not ours, or made for another configuration."""
-
 
 class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite; the weights were not updated with it."""
@@ -192,127 +182,20 @@ class EpochSampler(torch.utils.data.Sampler):
         return (self.batches - self.skip) * self.micro_batch
 
 
-# ---- checkpoints -----------------------------------------------------------------------------
-def save_checkpoint(state: dict, path: str | os.PathLike, *, also: list[Path] = ()) -> Path:
-    """Write `state` atomically (temp file, fsync, rename: `utils.atomic_path`).
-
-    `also`: more names for the same file (hard links when possible), e.g. the step-numbered copy.
-    A crash at any moment leaves the previous file intact.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        torch.save(state, fh)
-    for other in also:
-        with atomic_path(other) as other_tmp:
-            try:
-                os.link(path, other_tmp)
-            except OSError:
-                shutil.copyfile(path, other_tmp)
-    return path
-
-
-def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Load and validate a checkpoint with `torch.load(weights_only=True)`; one clear error otherwise."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "checkpoints" / "latest.pt" if (path / "checkpoints").is_dir() else path / "latest.pt"
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}. Pass a .pt file or a run folder (results/<name>) that "
-                              "holds checkpoints/latest.pt")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # truncated zip, random bytes, pickles of foreign objects
-        older = sorted(path.parent.glob("step_*.pt"))
-        hint = f" An earlier checkpoint of the run may still be good: {older[-1]}." if older else ""
-        raise CheckpointError(f"{path} is not a readable ddpm_nb checkpoint (truncated, corrupt or not a "
-                              f"PyTorch file: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}).{hint}") \
-            from exc
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is a PyTorch file but not a ddpm_nb checkpoint (no "
-                              f"'format': '{CHECKPOINT_FORMAT}' entry). Use a file written by ddpm_nb's trainer.")
-    if int(state.get("version", 0)) > CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint format version {state['version']}, newer than this "
-                              f"ddpm_nb understands ({CHECKPOINT_VERSION}); upgrade ddpm_nb.")
-    return state
-
-
-def _config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    diffs = []
-    for key in sorted(set(saved) | set(current)):
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += _config_differences(a, b, f"{prefix}{key}.")
-        elif (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
-            diffs.append(f"{prefix}{key}: checkpoint {a!r} vs now {b!r}")
-    return diffs
-
-
-def _load_weights(model: nn.Module, weights: dict, saved_unet: dict, path: str) -> None:
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as exc:
-        diffs = _config_differences(saved_unet, model.cfg.to_dict())
-        raise CheckpointError(f"{path} was trained with a different network: "
-                              f"{'; '.join(diffs) or str(exc).splitlines()[0]}. Use the checkpoint's own "
-                              "configuration (load_model / --resume without network overrides).") from exc
-
-
-def load_model(path: str | os.PathLike, *, ema: bool = True, device=None):
-    """(model, diffusion, RunConfig) from a checkpoint, in eval mode on `device` (EMA weights by default)."""
-    state = load_checkpoint(path)
-    cfg = RunConfig.from_dict(state["config"])
-    device = torch.device(device) if device is not None else pick_device()
-    model = UNet(cfg.unet)
-    _load_weights(model, state["ema"]["model"] if ema and state.get("ema") else state["model"],
-                  state["config"]["unet"], str(path))
-    diffusion = GaussianDiffusion(cfg.diffusion)
-    return model.to(device).eval(), diffusion.to(device), cfg
-
-
-def export_weights(src: str | os.PathLike, dst: str | os.PathLike, *, ema: bool = True) -> Path:
-    """Write a small, sampling-only checkpoint: the config and one set of weights (EMA by default).
-
-    No optimizer, scaler or RNG state, so it is about a third of a training checkpoint and cannot be
-    resumed; `load_model` and `python -m ddpm_nb sample/animate` read it like any other.
-    """
-    state = load_checkpoint(src)
-    weights = state["ema"]["model"] if ema and state.get("ema") else state["model"]
-    slim = {key: state[key] for key in ("format", "version", "ddpm_nb_version", "config", "step") if key in state}
-    slim.update(model=weights, ema=None, exported_from=str(Path(src)), weights="ema" if ema else "online")
-    return save_checkpoint(slim, dst)
+def _apply_train_settings(optimizer, scheduler, tc) -> None:
+    """Put lr, weight decay and betas of `tc` into a restored optimizer, and the lr schedule of `tc`
+    (its lambda already reads tc's steps and warm-up) at the restored step."""
+    for group in optimizer.param_groups:
+        group.update(initial_lr=tc.lr, weight_decay=tc.weight_decay, betas=tc.betas)
+    scheduler.base_lrs = [tc.lr] * len(optimizer.param_groups)
+    for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * fn(scheduler.last_epoch)
 
 
 # ---- distributed helpers ---------------------------------------------------------------------
 def _dist_env() -> tuple[int, int, int]:
     """(rank, world_size, local_rank), from torchrun's environment variables."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
-
-
-@dataclass
-class _Rows:
-    """A CSV file that is trimmed back to `step` on resume, so a killed run leaves no duplicate rows."""
-
-    path: Path
-    fields: list[str]
-
-    def trim(self, step: int) -> None:
-        if not self.path.exists():
-            return
-        with open(self.path, newline="") as fh:
-            rows = [r for r in csv.DictReader(fh) if int(float(r["step"])) <= step]
-        self._write(rows, "w")
-
-    def append(self, row: dict) -> None:
-        self._write([row], "a")
-
-    def _write(self, rows, mode):
-        new = mode == "w" or not self.path.exists()
-        with open(self.path, mode, newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=self.fields, extrasaction="ignore")
-            if new:
-                w.writeheader()
-            w.writerows(rows)
 
 
 # ---- the trainer -----------------------------------------------------------------------------
@@ -327,8 +210,6 @@ class Trainer:
     def __init__(self, cfg: RunConfig, *, run_dir: str | os.PathLike | None = None, device=None,
                  resume: bool = False, progress: bool = True, on_log: Callable | None = None,
                  train_dataset=None, val_dataset=None):
-        from . import data as data_mod
-
         self.cfg, self.progress, self.on_log = cfg, progress, on_log
         tc = cfg.train
         self.rank, self.world, local_rank = _dist_env()
@@ -348,45 +229,13 @@ class Trainer:
                               f"= {tc.grad_accum} x {self.world}")
         self.micro_batch = tc.batch_size // (tc.grad_accum * self.world)
 
-        # run folder
-        self.run_dir = Path(run_dir) if run_dir is not None else results_dir(cfg.name, create=False)
-        self.ckpt_dir = self.run_dir / "checkpoints"
-        latest = self.ckpt_dir / "latest.pt"
+        # run folder: owned by this process (a lock), temp files of killed writes removed
+        self.folder = RunFolder(run_dir if run_dir is not None else results_dir(cfg.name, create=False))
+        self.run_dir, self.ckpt_dir = self.folder.path, self.folder.ckpt_dir
         if self.is_main:
-            try:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-                (self.run_dir / "samples").mkdir(exist_ok=True)
-                probe = self.run_dir / ".write-test"
-                probe.write_bytes(b"")
-                probe.unlink()
-            except OSError as exc:
-                raise PermissionError(f"cannot write to the run folder {self.run_dir}: {exc.strerror}. Choose a "
-                                      "writable place with --results-dir or DDPM_NB_RESULTS.") from exc
-            if latest.exists() and not resume:
-                raise FileExistsError(f"{self.run_dir} already holds a run (checkpoints/latest.pt). Pass "
-                                      "resume=True (--resume) to continue it, or choose another name (--name).")
+            self.folder.open(resume=resume)
 
-        # data: flips happen here with our own generator, so the datasets themselves are deterministic
-        data_cfg = cfg.data.replace(hflip=False)
-        if train_dataset is None:
-            train_dataset, val_dataset = data_mod.train_val_datasets(data_cfg, cfg.unet.image_size)
-        self.train_ds, self.val_ds = train_dataset, val_dataset
-        if cfg.data.in_memory:
-            self.train_ds = _materialize(self.train_ds, progress=progress and self.is_main)
-            if self.val_ds is not None:
-                self.val_ds = _materialize(self.val_ds, progress=False)
-        self._tensors = None
-        if isinstance(self.train_ds, torch.utils.data.TensorDataset):
-            images, labels = self.train_ds.tensors[:2]
-            if self.device.type == "cuda":
-                images, labels = images.to(self.device), labels.to(self.device)
-            self._tensors = (images, labels)
-        channels = data_mod.dataset_channels(self.train_ds)
-        if channels != cfg.unet.in_channels:
-            raise ConfigError(f"UNetConfig.in_channels={cfg.unet.in_channels} but the dataset "
-                              f"{cfg.data.dataset!r} has {channels} channel(s); set unet.in_channels={channels}")
-        self.num_workers = cfg.data.num_workers if cfg.data.num_workers is not None \
-            else data_mod.default_num_workers()
+        self._setup_data(train_dataset, val_dataset)
 
         # model, EMA, optimizer
         torch.manual_seed(tc.seed)
@@ -414,16 +263,19 @@ class Trainer:
         self.micro_batches_seen = 0
         self.history: list[dict] = []
         self.val_history: list[dict] = []
-        self.last_checkpoint: Path | None = None
-        self._log = _Rows(self.run_dir / "log.csv", ["step", "loss", "lr", "grad_norm", "images_per_s", "time_s"])
-        self._val = _Rows(self.run_dir / "val.csv", ["step", "val_loss", "val_loss_ema", "q1", "q2", "q3", "q4"])
-        if resume and latest.exists():
-            self._resume(latest)
+        self.last_checkpoint: Path | None = None  # the last good checkpoint (see save_checkpoint)
+        self._good_step = 0
+        self.notes: list[str] = []  # one line each, printed by the main process: what changed and why
+        if resume and self.folder.latest.exists():
+            self._resume(self.folder.latest)
         elif self.is_main:
-            self._log.trim(0)  # a fresh run: no rows from an earlier attempt that never checkpointed
-            self._val.trim(0)
-            with open(self.run_dir / "config.yaml", "w") as fh:
-                yaml.safe_dump(_plain(cfg.to_dict()), fh, sort_keys=False)
+            if resume:
+                self.notes.append(f"no run to resume in {self.run_dir}; starting a fresh one")
+            self.folder.trim_logs(0)  # a fresh run: no rows from an earlier attempt that never checkpointed
+            self.folder.write_config(cfg)
+        if self.is_main:
+            for note in self.notes:
+                print(f"note: {note}", file=sys.stderr)
         self._tb = None
         if self.is_main:
             try:
@@ -453,48 +305,93 @@ class Trainer:
             },
         }
 
-    def save_checkpoint(self) -> Path | None:
-        """Write checkpoints/latest.pt (+ step_N.pt, keeping the last `keep_last`). Main process only."""
+    def save_checkpoint(self, loss: float | None = None) -> Path | None:
+        """Write checkpoints/latest.pt (+ step_N.pt, keeping the last `keep_last`). Main process only.
+
+        Only a good checkpoint (finite weights, recent loss `loss` and logged rows not blown up)
+        replaces latest.pt and becomes `last_checkpoint`, the one the NaN guard names; it is kept
+        out of rotation until a newer good one exists.
+        """
         if not self.is_main:
             return None
-        step_file = self.ckpt_dir / f"step_{self.step:07d}.pt"
-        keep = self.cfg.train.keep_last
-        path = save_checkpoint(self.state_dict(), self.ckpt_dir / "latest.pt", also=[step_file] if keep else [])
-        for old in sorted(self.ckpt_dir.glob("step_*.pt"))[:-keep or None]:
-            old.unlink()
-        self.last_checkpoint = step_file if keep else path
+        good = self._healthy(loss)
+        path = self.folder.save(self.state_dict(), self.step, keep_last=self.cfg.train.keep_last, good=good,
+                                protect=self.last_checkpoint)
+        if good:
+            self.last_checkpoint = path
+            self._good_step = self.step
+        else:
+            print(f"note: step {self.step}: the loss blew up or the weights are not finite; checkpoint written as "
+                  f"{path.name} only, latest.pt stays the last good one ({self.last_checkpoint or 'none yet'})",
+                  file=sys.stderr)
         return path
+
+    def _healthy(self, loss: float | None) -> bool:
+        losses = [r["loss"] for r in self.history if r["step"] > self._good_step] + ([loss] if loss is not None else [])
+        return is_good_checkpoint(self.raw_model, losses, [r["loss"] for r in self.history])
 
     def _resume(self, path: Path) -> None:
         state = load_checkpoint(path, map_location=self.device)
-        diffs = _config_differences(state["config"]["unet"], _plain(self.cfg.unet.to_dict()))
-        diffs += _config_differences(state["config"]["diffusion"], _plain(self.cfg.diffusion.to_dict()))
+        saved = state["config"]
+        diffs = _config_differences(saved["unet"], _plain(self.cfg.unet.to_dict()))
+        diffs += _config_differences(saved["diffusion"], _plain(self.cfg.diffusion.to_dict()))
         if diffs:
             raise CheckpointError(f"cannot resume {path}: the run was made with another network or diffusion "
                                   f"setting ({'; '.join(diffs)}). Resume without changing those settings.")
-        _load_weights(self.raw_model, state["model"], state["config"]["unet"], str(path))
+        _load_weights(self.raw_model, state["model"], saved["unet"], str(path))
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.step = int(state["step"])
+        if self.scaler.is_enabled() and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])  # else: amp changed to or from fp16, a fresh scaler
+        self.step = self._good_step = int(state["step"])
         self.micro_batches_seen = int(state["micro_batches_seen"])
         torch.set_rng_state(state["rng"]["cpu"].cpu())
         if state["rng"]["cuda"] is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), self.device)
         self.gen.set_state(state["rng"]["train"].cpu())
         self.last_checkpoint = path
+        changed = _config_differences({k: saved.get(k, {}) for k in ("data", "train")},
+                                      {k: _plain(getattr(self.cfg, k).to_dict()) for k in ("data", "train")})
+        if changed:  # the new settings apply from here on; the optimizer state keeps its moments
+            _apply_train_settings(self.optimizer, self.scheduler, self.cfg.train)
+            self.notes.append(f"resuming step {self.step} with changed settings, applied from here on: "
+                              + "; ".join(d.replace(": checkpoint ", ": ").replace(" vs now ", " -> ")
+                                          for d in changed))
         if self.is_main:
-            self._log.trim(self.step)
-            self._val.trim(self.step)
-            for name, rows in (("log.csv", self.history), ("val.csv", self.val_history)):
-                f = self.run_dir / name
-                if f.exists():
-                    with open(f, newline="") as fh:
-                        rows.extend({k: int(float(v)) if k == "step" else float(v) for k, v in r.items() if v != ""}
-                                    for r in csv.DictReader(fh))
+            self.folder.trim_logs(self.step)
+            self.folder.write_config(self.cfg)  # what actually runs from here on
+            self.history.extend(self.folder.log.rows())
+            self.val_history.extend(self.folder.val.rows())
 
     # ---- data -------------------------------------------------------------------------------
+    def _setup_data(self, train_dataset, val_dataset) -> None:
+        """The datasets (built from cfg.data unless given), cached in memory when asked. Flips happen in
+        `_prepare` with our own generator, so the datasets themselves are deterministic."""
+        from . import data as data_mod
+
+        cfg = self.cfg
+        data_cfg = cfg.data.replace(hflip=False)
+        if train_dataset is None:
+            train_dataset, val_dataset = data_mod.train_val_datasets(data_cfg, cfg.unet.image_size)
+        self.train_ds, self.val_ds = train_dataset, val_dataset
+        if cfg.data.in_memory:
+            self.train_ds = _materialize(self.train_ds, progress=self.progress and self.is_main)
+            if self.val_ds is not None:
+                self.val_ds = _materialize(self.val_ds, progress=False)
+        self._tensors = None
+        if isinstance(self.train_ds, torch.utils.data.TensorDataset):
+            images, labels = self.train_ds.tensors[:2]
+            if self.device.type == "cuda":
+                images, labels = images.to(self.device), labels.to(self.device)
+            self._tensors = (images, labels)
+        channels = data_mod.dataset_channels(self.train_ds)
+        if channels != cfg.unet.in_channels:
+            raise ConfigError(f"UNetConfig.in_channels={cfg.unet.in_channels} but the dataset "
+                              f"{cfg.data.dataset!r} has {channels} channel(s); set unet.in_channels={channels}")
+        self.num_workers = cfg.data.num_workers if cfg.data.num_workers is not None \
+            else data_mod.default_num_workers()
+
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Endless micro-batches starting at `micro_batches_seen`, identical across resumes."""
         from .data import make_loader
@@ -669,7 +566,7 @@ class Trainer:
                            "time_s": now - started}
                     t0, last_step = now, self.step
                     self.history.append(row)
-                    self._log.append(row)
+                    self.folder.log.append(row)
                     if self._tb is not None:
                         for k in ("loss", "lr", "grad_norm", "images_per_s"):
                             self._tb.add_scalar(f"train/{k}", row[k], self.step)
@@ -680,7 +577,7 @@ class Trainer:
                     row = self.evaluate()
                     if row:
                         self.val_history.append(row)
-                        self._val.append(row)
+                        self.folder.val.append(row)
                         if self._tb is not None:
                             for k, v in row.items():
                                 if k != "step":
@@ -689,7 +586,7 @@ class Trainer:
                                      self.step == tc.steps):
                     self.save_samples()
                 if (tc.ckpt_every and self.step % tc.ckpt_every == 0) or last:
-                    self.save_checkpoint()
+                    self.save_checkpoint(loss=out["loss"])
         finally:
             bar.close()
             if self._tb is not None:
@@ -697,8 +594,11 @@ class Trainer:
         return self.history
 
     def close(self) -> None:
+        """Flush the logs and hand the run folder back (its lock); under DDP, leave the group."""
         if self._tb is not None:
             self._tb.close()
+        if self.is_main:
+            self.folder.release()
         if self.distributed and dist.is_initialized():
             dist.barrier()  # every rank done with gloo/nccl before any tears the group down
             dist.destroy_process_group()
@@ -734,12 +634,3 @@ def _materialize(ds, *, progress: bool = False):
     out = TensorDataset(torch.cat(xs), torch.cat(ys))
     out.channels = int(x0.shape[0])
     return out
-
-
-def _plain(d):
-    """Tuples -> lists recursively, so configs are YAML-friendly and load with weights_only=True."""
-    if isinstance(d, dict):
-        return {k: _plain(v) for k, v in d.items()}
-    if isinstance(d, (list, tuple)):
-        return [_plain(v) for v in d]
-    return d

@@ -5,9 +5,11 @@ Explained in notebooks/01_forward_process (grids) and used everywhere else.
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,7 @@ __all__ = [
     "save_image",
     "atomic_path",
     "atomic_write_bytes",
+    "DiskFullError",
     "set_threads",
 ]
 
@@ -143,12 +146,38 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2, p
     return grid
 
 
+class DiskFullError(OSError):
+    """A file could not be written for lack of space; the message names it and says nothing was lost."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable (POSIX); a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str | None = None):
+def atomic_path(path: str | os.PathLike, suffix: str | None = None, *, size_hint: int | None = None):
     """Yield a temp path next to `path` (with `path`'s suffix, or `suffix`, so writers that pick a
-    format by the file name still work); when the block succeeds, fsync it and rename it over
-    `path`. On any error the temp file is removed and `path` is left as it was, so a crash never
-    leaves a half-written file under the real name."""
+    format by the file name still work); when the block succeeds, fsync it, rename it over `path`
+    and fsync the folder. On any error the temp file is removed and `path` is left as it was, so a
+    crash never leaves a half-written file under the real name. A full disk raises `DiskFullError`
+    naming the file, the space it needs (`size_hint` bytes when given) and what is free."""
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix or suffix or ''}")
     try:
@@ -156,6 +185,17 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None):
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)) or isinstance(exc, DiskFullError):
+            raise
+        written = tmp.stat().st_size if tmp.exists() else 0
+        free = shutil.disk_usage(path.parent).free if path.parent.exists() else 0
+        need = f"about {_megabytes(size_hint)}" if size_hint else f"more than the {_megabytes(written)} written"
+        kept = f"the previous {path.name} is intact" if path.exists() else "no partial file was left"
+        raise DiskFullError(exc.errno, f"could not write {path}: no space left on the device (it needs {need}; "
+                                       f"{_megabytes(free)} free there). Nothing was lost: {kept}. Free some "
+                                       "space and run the command again") from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -173,5 +213,6 @@ def save_image(images: torch.Tensor, path: str | os.PathLike, nrow: int | None =
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    iio.imwrite(path, make_grid(images, nrow=nrow, scale=scale))
+    with atomic_path(path) as tmp:
+        iio.imwrite(tmp, make_grid(images, nrow=nrow, scale=scale))
     return path

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import imageio.v3 as iio
 import pytest
+import yaml
 
 from ddpm_nb.__main__ import build_config, make_parser, main
 from ddpm_nb.train import load_checkpoint
@@ -121,3 +122,166 @@ def test_sigkill_then_resume_loses_at_most_one_interval(tmp_path):
     rows = (tmp_path / "results" / "tiny" / "log.csv").read_text().splitlines()[1:]
     steps = [int(r.split(",")[0]) for r in rows]
     assert steps == sorted(set(steps)) and steps[-1] == 40
+
+
+# ---- typed values and one-line errors (issue 8) ----------------------------------------------
+def _config(argv, tmp_path=None):
+    return build_config(make_parser().parse_args(["train", "--preset", "tiny", *argv]))
+
+
+def test_flag_and_yaml_values_are_converted_to_the_fields_types(tmp_path):
+    cfg = _config(["--train.lr", "1e-4", "--train.amp", "off", "--train.grad_clip", "none", "--steps", "1e2",
+                   "--unet.channel_mults", "1,2", "--train.betas", "[0.8, 0.99]", "--data.hflip", "no"])
+    assert cfg.train.lr == 1e-4 and isinstance(cfg.train.lr, float) and cfg.train.amp == "off"
+    assert cfg.train.grad_clip is None and cfg.train.steps == 100 and isinstance(cfg.train.steps, int)
+    assert cfg.unet.channel_mults == (1, 2) and cfg.train.betas == (0.8, 0.99) and cfg.data.hflip is False
+    yml = tmp_path / "c.yaml"  # PyYAML reads 2e-4 (no dot) as a string, and '16' is one
+    yml.write_text("train:\n  lr: 2e-4\n  batch_size: '16'\n  amp: off\n")
+    cfg = _config(["--config", str(yml)])
+    assert cfg.train.lr == 2e-4 and cfg.train.batch_size == 16 and cfg.train.amp == "off"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--train.steps", "many"], "TrainConfig.steps: cannot use 'many': expected an integer"),
+    (["--train.batch_size", "2.5"], "TrainConfig.batch_size: cannot use 2.5: expected an integer"),
+    (["--unet.channel_mults", "abc"], "UNetConfig.channel_mults: cannot use 'abc': expected a list of integers"),
+    (["--train.betas", "[2,0.999]"], "TrainConfig.betas: must be two numbers in [0, 1)"),
+    (["--train.lr", "inf"], "TrainConfig.lr: cannot use 'inf': expected a finite number"),
+    (["--train.lr", ".inf"], "TrainConfig.lr: cannot use inf: expected a finite number"),
+    (["--train.lr", "abc"], "TrainConfig.lr: cannot use 'abc': expected a finite number"),
+    (["--train.grad_clip", "big"], "TrainConfig.grad_clip: cannot use 'big': expected a finite number (e.g. 2e-4) "
+                                   "or none"),
+    (["--data.class_cond", "maybe"], "DataConfig.class_cond: cannot use 'maybe': expected true or false"),
+    (["--train.sample_steps", "100"], "TrainConfig.sample_steps: 100 DDIM steps"),
+    (["--unet.num_classes", "[1"], "UNetConfig.num_classes: cannot use '[1'"),
+])
+def test_bad_values_name_field_value_and_type(argv, message, capsys):
+    assert main(["train", "--preset", "tiny", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A finished 2-step tiny run (unconditional, T = 50) to sample from."""
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from ddpm_nb.config import preset
+    from ddpm_nb.train import Trainer
+
+    run = tmp_path_factory.mktemp("cli") / "run"
+    ds = TensorDataset(torch.rand(32, 1, 16, 16) * 2 - 1, torch.zeros(32, dtype=torch.long))
+    cfg = preset("tiny", **{"train.steps": 2, "train.batch_size": 8, "train.sample_every": 0, "train.eval_every": 0,
+                            "train.num_samples": 2, "train.sample_steps": 2})
+    tr = Trainer(cfg, run_dir=run, device="cpu", progress=False, train_dataset=ds, val_dataset=ds)
+    tr.train()
+    tr.close()
+    return run
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sample", "{run}", "--steps", "0"], "--steps must be at least 1, got 0"),
+    (["sample", "{run}", "--num", "-3"], "--num must be at least 1, got -3"),
+    (["sample", "{run}", "--num", "0"], "--num must be at least 1, got 0"),
+    (["sample", "{run}", "--eta", "-1"], "--eta must be a number >= 0"),
+    (["sample", "{run}", "--steps", "51"], "--steps 51 is more than the model's 50 diffusion steps"),
+    (["sample", "{run}", "--guidance-scale", "3"], "--guidance-scale 3.0 has no effect: this checkpoint's model is "
+                                                   "unconditional"),
+    (["sample", "{run}", "--class", "1"], "--class given but this checkpoint's model is unconditional"),
+    (["animate", "{run}", "--frames", "0"], "--frames must be at least 2, got 0"),
+    (["animate", "{run}", "--fps", "0"], "--fps must be at least 1, got 0"),
+    (["fid", "{run}", "--num", "0"], "--num must be at least 2"),
+    (["sample", "{run}", "--device", "banana"], "--device 'banana'"),
+    (["sample", "{run}", "--threads", "0"], "threads must be a positive integer"),
+    (["export", "{run}/nothing.pt", "--out", "x.pt"], "no checkpoint at"),
+])
+def test_bad_sampling_flags_are_one_line_before_any_work(tiny_run, argv, message, capsys):
+    assert main([a.format(run=tiny_run) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tiny_run / "samples_cli").exists() and not (tiny_run / "animations").exists()
+
+
+def test_device_without_cuda_is_one_line(tiny_run, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    for argv in (["sample", str(tiny_run), "--device", "cuda"], ["train", "--preset", "tiny", "--device", "cuda"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --device 'cuda'") and "CUDA is not available" in err
+
+
+def test_yaml_syntax_error_is_one_line(tmp_path, capsys):
+    yml = tmp_path / "bad.yaml"
+    yml.write_text("train:\n  lr: [1e-4\n  steps: 3\n")
+    assert main(["train", "--preset", "tiny", "--config", str(yml)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --config {yml}: not valid YAML (line") and len(err.strip().splitlines()) == 1
+    yml.write_text("train: 5\n")
+    assert main(["train", "--preset", "tiny", "--config", str(yml)]) == 2
+    assert "RunConfig.train: expected a mapping" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["missing", "file", "empty"])
+def test_explicit_data_root_that_is_wrong_is_an_error(tmp_path, monkeypatch, capsys, kind):
+    root = tmp_path / "data"
+    if kind == "file":
+        root.write_text("not a folder")
+    elif kind == "empty":
+        root.mkdir()
+    monkeypatch.setenv("DDPM_NB_DATA", str(root))
+    monkeypatch.setenv("DDPM_NB_OFFLINE", "1")
+    assert main(["train", "--preset", "tiny", "--results-dir", str(tmp_path / "results"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(root) in err and len(err.strip().splitlines()) == 1, err
+    assert "bundled" not in err
+
+
+@pytest.mark.slow
+def test_two_trainings_with_one_name_the_second_stops(tmp_path):
+    args = ["train", "--preset", "tiny", "--steps", "60", "--no-progress"]
+    first = subprocess.Popen([sys.executable, "-m", "ddpm_nb", *args], env=_env(tmp_path),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    run = tmp_path / "results" / "tiny"
+    deadline = time.time() + 120
+    while not (run / "config.yaml").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    seconds = [subprocess.Popen([sys.executable, "-m", "ddpm_nb", *args, *extra], env=_env(tmp_path),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+               for extra in ([], ["--resume"])]  # a fresh start and a resume, both while the first runs
+    for second in seconds:
+        err = second.stderr.read()
+        assert second.wait(timeout=300) == 2 and "Traceback" not in err
+        assert f"in use by another training process (PID {first.pid})" in err
+    assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
+    steps = [int(r.split(",")[0]) for r in (run / "log.csv").read_text().splitlines()[1:]]
+    assert steps == list(range(5, 61, 5))  # the first run's rows, each once
+    assert load_checkpoint(run)["step"] == 60
+
+
+@pytest.mark.slow
+def test_kills_at_any_moment_of_resume_lose_no_checkpointed_row(tmp_path):
+    """SIGKILL `train --resume` during startup, the log trim and training: every logged row up to
+    the last checkpoint survives, no row is doubled, and no temp file is left once it finishes."""
+    args = ["train", "--preset", "tiny", "--train.ckpt_every", "5", "--train.sample_every", "0",
+            "--train.eval_every", "0", "--no-progress"]
+    assert _cli(args + ["--steps", "10"], tmp_path).returncode == 0
+    run = tmp_path / "results" / "tiny"
+    for delay in (0.2, 0.8, 1.5, 2.5, 3.5):
+        proc = subprocess.Popen([sys.executable, "-m", "ddpm_nb", *args, "--steps", "30", "--resume"],
+                                env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        saved = load_checkpoint(run)["step"]
+        steps = [int(r.split(",")[0]) for r in (run / "log.csv").read_text().splitlines()[1:]]
+        assert steps == sorted(set(steps)) and set(range(5, saved + 1, 5)) <= set(steps), (delay, saved, steps)
+        assert yaml.safe_load((run / "config.yaml").read_text())["name"] == "tiny"
+    done = _cli(args + ["--steps", "30", "--resume"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = [int(r.split(",")[0]) for r in (run / "log.csv").read_text().splitlines()[1:]]
+    assert steps == list(range(5, 31, 5))
+    assert not list(run.rglob(".*.tmp-*"))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import pickle
+import re
 import shutil
 import socket
 import stat
@@ -62,10 +63,12 @@ def no_network(monkeypatch):
 
 @pytest.fixture
 def env(tmp_path, monkeypatch, no_network):
-    """An empty data root and an empty cache, both under tmp_path; no network."""
+    """An empty default data root (as a fresh clone's data/ without the full sets) and an empty cache,
+    both under tmp_path; no network. (An explicit DDPM_NB_DATA that is empty is an error instead.)"""
     root, cache = tmp_path / "root", tmp_path / "cache"
     root.mkdir()
-    monkeypatch.setenv("DDPM_NB_DATA", str(root))
+    monkeypatch.delenv("DDPM_NB_DATA", raising=False)
+    monkeypatch.setattr(data, "data_root", lambda: root)
     monkeypatch.setenv("DDPM_NB_CACHE", str(cache))
     monkeypatch.setattr(data, "_NOTIFIED", set())
     return root, cache
@@ -318,7 +321,8 @@ def test_numpy_arrays_layouts_and_ranges(tmp_path, layout):
         "float255": base.astype(np.float32),
     }
     np.save(tmp_path / "x.npy", arrays[layout])
-    cfg = DataConfig(dataset="npy", path=str(tmp_path / "x.npy"), hflip=False)
+    cfg = DataConfig(dataset="npy", path=str(tmp_path / "x.npy"), hflip=False,
+                     value_range=(0, 255) if layout == "float255" else None)  # floats of 0..255: say so
     ds = data.load_dataset(cfg, 8)
     c = 1 if layout in ("NHW", "NCHW-1") else 3
     assert len(ds) == 5 and data.dataset_channels(ds) == c and data.dataset_num_classes(cfg) is None
@@ -454,3 +458,98 @@ def test_real_images_fixed_choice(env):
     assert not torch.equal(a, data.real_images(cfg, 16, 12, seed=2))
     with pytest.raises(ValueError, match="between 1 and the 10000"):
         data.real_images(cfg, 16, 10_001)
+
+
+# ---------------------------------------------------------------------------------------------
+# Image folders as users have them; .npy value ranges (issue 8)
+# ---------------------------------------------------------------------------------------------
+def _messy_folder(root: Path) -> Path:
+    """A class folder with every image mode and every kind of junk a real folder holds."""
+    from PIL import Image
+
+    d = root / "imgs" / "a"
+    d.mkdir(parents=True)
+    Image.new("RGB", (40, 30), (255, 0, 0)).save(d / "rgb.jpg", quality=95)
+    Image.new("RGBA", (20, 20), (0, 0, 255, 0)).save(d / "rgba.png")  # fully transparent blue
+    Image.new("LA", (20, 20), (0, 0)).save(d / "la.png")  # transparent black
+    Image.new("CMYK", (20, 20), (0, 255, 255, 0)).save(d / "cmyk.jpg")  # red in CMYK
+    pal = Image.new("P", (20, 20), 0)
+    pal.putpalette([0, 255, 0] * 256)
+    pal.save(d / "palette.png")  # green
+    Image.fromarray(np.full((20, 20), 32768, np.uint16)).save(d / "gray16.png")  # 16-bit mid grey
+    Image.new("RGB", (1, 1), (0, 0, 255)).save(d / "tiny.png")
+    Image.new("RGB", (600, 3), (0, 0, 0)).save(d / "wide.png")
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    noise.save(d / "noise.jpg", quality=90)
+    whole = (d / "noise.jpg").read_bytes()
+    (d / "truncated.jpg").write_bytes(whole[: len(whole) // 2])
+    (d / "zero.png").write_bytes(b"")
+    (d / "fake.jpg").write_text("not a jpeg")
+    (d / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (d / "notes.txt").write_text("not an image")
+    return root / "imgs"
+
+
+def test_image_folder_decodes_every_mode_and_skips_unreadable_files(tmp_path):
+    folder = _messy_folder(tmp_path)
+    cfg = DataConfig(dataset="imagefolder", path=str(folder), hflip=False)
+    with pytest.warns(data.UnreadableImageWarning) as record:
+        ds = data.load_dataset(cfg, 16)
+    assert len(record) == 1
+    msg = str(record[0].message)
+    assert "skipped 3 unreadable image file(s) of 12" in msg
+    assert all(name in msg for name in ("truncated.jpg", "zero.png", "fake.jpg"))
+    assert len(ds) == 9
+    item = {Path(f).name: ds[i][0] for i, f in enumerate(ds.files)}
+    assert all(x.shape == (3, 16, 16) and torch.isfinite(x).all() for x in item.values())
+    torch.testing.assert_close(item["gray16.png"], torch.full((3, 16, 16), 2 * 32768 / 65535 - 1))  # not white
+    assert item["rgba.png"].min() > 0.99 and item["la.png"].min() > 0.99  # alpha composited over white
+    red, green = item["cmyk.jpg"].mean((1, 2)), item["palette.png"].mean((1, 2))
+    assert red[0] > 0.9 and red[1] < -0.9 and green[1] > 0.99 and green[0] < -0.99
+    assert item["tiny.png"][2].min() > 0.99 and item["tiny.png"][0].max() < -0.99
+    assert item["wide.png"].max() < -0.99
+
+
+def test_image_folder_file_damaged_after_the_scan_is_skipped_in_training(tmp_path):
+    folder = _messy_folder(tmp_path)
+    with pytest.warns(data.UnreadableImageWarning):
+        ds = data.load_dataset(DataConfig(dataset="imagefolder", path=str(folder), hflip=False), 8)
+    i = next(k for k, f in enumerate(ds.files) if f.endswith("noise.jpg"))
+    Path(ds.files[i]).write_bytes(b"")  # damaged while the run goes on
+    with pytest.warns(data.UnreadableImageWarning, match=r"skipping unreadable image .*noise\.jpg"):
+        x, _ = ds[i]
+    assert x.shape == (3, 8, 8)
+
+
+def test_image_folder_with_nothing_readable_is_one_error(tmp_path):
+    d = tmp_path / "bad"
+    d.mkdir()
+    (d / "a.jpg").write_bytes(b"")
+    (d / "b.png").write_text("junk")
+    with pytest.raises(data.DatasetNotFoundError, match=r"no readable images in .*all 2 image files"):
+        data.load_dataset(DataConfig(dataset="imagefolder", path=str(d)), 8)
+
+
+@pytest.mark.parametrize("values, observed", [
+    (np.linspace(0, 1.2, 5 * 8 * 8), "[0, 1.2]"),          # a little above 1: was divided by 255
+    (np.linspace(-1.5, 1, 5 * 8 * 8), "[-1.5, 1]"),        # was clipped
+    (np.linspace(0, 255, 5 * 8 * 8), "[0, 255]"),          # needs data.value_range
+])
+def test_numpy_float_ranges_are_explicit(tmp_path, values, observed):
+    np.save(tmp_path / "x.npy", values.reshape(5, 8, 8).astype(np.float32))
+    cfg = DataConfig(dataset="npy", path=str(tmp_path / "x.npy"), hflip=False)
+    with pytest.raises(ValueError, match=rf"x\.npy: values span {re.escape(observed)}.*data\.value_range"):
+        data.load_dataset(cfg, 8)
+    lo, hi = float(values.min()), float(values.max())
+    ds = data.load_dataset(cfg.replace(value_range=(lo, hi)), 8)  # say what they span: mapped, not clipped
+    images = torch.stack([ds[i][0] for i in range(5)])
+    assert images.min() == -1 and images.max() == 1
+
+
+def test_numpy_value_range_for_16_bit_integers(tmp_path):
+    np.save(tmp_path / "x.npy", np.full((2, 8, 8), 65535, np.uint16))
+    cfg = DataConfig(dataset="npy", path=str(tmp_path / "x.npy"), hflip=False)
+    with pytest.raises(ValueError, match="uint16.*value_range"):
+        data.load_dataset(cfg, 8)
+    ds = data.load_dataset(cfg.replace(value_range=[0, 65535]), 8)
+    torch.testing.assert_close(ds[0][0], torch.ones(1, 8, 8))

@@ -314,3 +314,37 @@ def test_ddp_two_cpu_processes_gloo(tmp_path):
     assert load_checkpoint(run_dir / "checkpoints" / "latest.pt")["step"] == 4
     rows = (run_dir / "log.csv").read_text().splitlines()
     assert len(rows) == 1 + len({r.split(",")[0] for r in rows[1:]})
+
+
+def test_resume_applies_changed_hyperparameters_and_says_so(tmp_path, capsys):
+    """--resume --train.lr 1e-5 trains with 1e-5 (not the old lr the optimizer state holds), says so
+    in one line, and the config written is the one that ran."""
+    import yaml
+
+    fixed = {"train.steps": 8, "train.warmup_steps": 0, "train.lr_schedule": "constant"}
+    _trainer(tmp_path, _cfg(**fixed)).train(until=4)
+    new = _cfg(**fixed, **{"train.lr": 1e-5, "train.weight_decay": 0.01, "train.betas": [0.8, 0.99]})
+    tr = _trainer(tmp_path, new, resume=True)
+    group = tr.optimizer.param_groups[0]
+    assert group["lr"] == pytest.approx(1e-5) and group["weight_decay"] == 0.01 and group["betas"] == (0.8, 0.99)
+    err = capsys.readouterr().err
+    assert "train.lr: 0.001 -> 1e-05" in err and "train.betas" in err and len(err.strip().splitlines()) == 1
+    tr.train()
+    assert [r["lr"] for r in tr.history if r["step"] > 4] == pytest.approx([1e-5] * 2)  # log_every=2
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]["lr"] == 1e-5
+    assert load_checkpoint(tmp_path / "run")["config"]["train"]["lr"] == 1e-5
+
+
+@pytest.mark.parametrize("before, after", [("off", "fp16"), ("fp16", "off")])
+def test_resume_may_switch_amp(tmp_path, before, after):
+    _trainer(tmp_path, _cfg(**{"train.amp": before})).train(until=4)
+    tr = _trainer(tmp_path, _cfg(**{"train.amp": after}), resume=True)
+    assert tr.scaler.is_enabled() == (after == "fp16")
+    tr.train()
+    assert tr.step == 8 and load_checkpoint(tmp_path / "run")["config"]["train"]["amp"] == after
+
+
+def test_resume_without_a_run_starts_fresh_and_says_so(tmp_path, capsys):
+    tr = _trainer(tmp_path, resume=True)
+    assert tr.step == 0
+    assert "no run to resume" in capsys.readouterr().err
