@@ -125,16 +125,30 @@ def _is_writable(path: Path) -> bool:
 _ONLINE: dict[tuple[str, int], bool] = {}
 
 
-def _network_available(url: str, timeout: float = 3.0) -> bool:
-    """Can we open a TCP connection to `url`'s host within `timeout` seconds? Cached per process.
+def _probe_target(url: str) -> tuple[str, int]:
+    """(host, port) a download of `url` connects to first: the HTTP(S) proxy when the environment
+    sets one (`https_proxy`, `http_proxy`, ... honouring `no_proxy`, as urllib does), else the server."""
+    import urllib.request
 
-    Runs in a thread so that a hanging DNS lookup cannot hang a notebook; `DDPM_NB_OFFLINE=1`
-    answers False without trying.
+    u = urlparse(url)
+    host = u.hostname or ""
+    proxy = urllib.request.getproxies().get(u.scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        p = urlparse(proxy if "://" in proxy else "http://" + proxy)
+        return p.hostname or "", p.port or (443 if p.scheme == "https" else 80)
+    return host, u.port or (443 if u.scheme == "https" else 80)
+
+
+def _network_available(url: str, timeout: float = 3.0) -> bool:
+    """Can we open a TCP connection toward `url` within `timeout` seconds? Cached per process.
+
+    Behind an HTTP proxy (`https_proxy` / `http_proxy`, not bypassed by `no_proxy`) it is the proxy
+    that is probed, since the download goes through it. Runs in a thread so that a hanging DNS
+    lookup cannot hang a notebook; `DDPM_NB_OFFLINE=1` answers False without trying.
     """
     if os.environ.get("DDPM_NB_OFFLINE", "").lower() in ("1", "true", "yes"):
         return False
-    u = urlparse(url)
-    key = (u.hostname or "", u.port or (443 if u.scheme == "https" else 80))
+    key = _probe_target(url)
     if key not in _ONLINE:
         ok = [False]
 
