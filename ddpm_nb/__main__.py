@@ -95,8 +95,45 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+CHECKPOINT_HELP = ("a checkpoint .pt file, a run folder, a run name (the folder results/<name>) or a shipped "
+                   "model's name (fashion-quick-cond)")
+
+
+def resolve_checkpoint(value: str) -> tuple[Path, Path]:
+    """(what to load, the run folder outputs go under) for a command's checkpoint argument.
+
+    Tried in order: an existing file or folder; a run name, i.e. `results_dir(value)` (so
+    `python -m ddpm_nb sample fm32` works from any folder); the name of a model shipped with the
+    package (outputs then go to results/<name>/). Anything else is a ConfigError that lists the runs.
+    """
+    from .shipped import PRETRAINED, pretrained_path
+    from .utils import results_dir
+
+    path = Path(value).expanduser()
+    if path.exists():
+        run = path if path.is_dir() else path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        return path, run
+    named = results_dir(value, create=False) if value and not path.is_absolute() else None
+    if named is not None and named.is_dir():
+        return named, named
+    if value in PRETRAINED:
+        return pretrained_path(value), results_dir(value, create=False)
+    base = results_dir(create=False)
+    runs = sorted(p.name for p in base.iterdir() if (p / "checkpoints").is_dir()) if base.is_dir() else []
+    if named is None:
+        raise ConfigError(f"no checkpoint at {path}")
+    raise ConfigError(f"no checkpoint at {path.resolve()}, and no run named {value!r} in {base} (runs there: "
+                      f"{', '.join(runs) or 'none'}) nor a shipped model of that name ({', '.join(PRETRAINED)})")
+
+
+def _checkpoint(args) -> tuple[Path, Path]:
+    if not hasattr(args, "resolved_checkpoint"):
+        args.resolved_checkpoint = resolve_checkpoint(args.checkpoint)
+    return args.resolved_checkpoint
+
+
 def _sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="a checkpoint .pt file or a run folder (results/<name>)")
+    p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("--method", choices=["ddim", "ddpm"], default="ddim", help="sampler (default ddim)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (ignored by ddpm, which uses all T)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 ancestral")
@@ -121,7 +158,7 @@ def _load_for_sampling(args):
 
     from .train import load_model
 
-    model, diffusion, cfg = load_model(args.checkpoint, ema=not args.online, device=args.device)
+    model, diffusion, cfg = load_model(_checkpoint(args)[0], ema=not args.online, device=args.device)
     labels = None
     if cfg.unet.num_classes:
         if args.label is not None:
@@ -147,9 +184,7 @@ def _out_dir(args, sub: str) -> Path:
     if args.out:
         out = Path(args.out)
     else:
-        ckpt = Path(args.checkpoint)
-        run = ckpt if ckpt.is_dir() else ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-        out = run / sub
+        out = _checkpoint(args)[1] / sub
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -234,7 +269,7 @@ def cmd_fid(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .train import export_weights
 
-    path = export_weights(args.checkpoint, args.out, ema=not args.online)
+    path = export_weights(_checkpoint(args)[0], args.out, ema=not args.online)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0
 
@@ -299,7 +334,7 @@ def make_parser() -> argparse.ArgumentParser:
     f.set_defaults(func=cmd_fid)
 
     e = sub.add_parser("export", help="write a small sampling-only checkpoint (EMA weights + config)")
-    e.add_argument("checkpoint", help="a checkpoint .pt file or a run folder")
+    e.add_argument("checkpoint", help=CHECKPOINT_HELP)
     e.add_argument("--out", required=True, help="where to write the exported .pt")
     e.add_argument("--online", action="store_true", help="export the online weights instead of the EMA")
     e.set_defaults(func=cmd_export)

@@ -19,6 +19,7 @@ __all__ = [
     "repo_root",
     "results_dir",
     "data_root",
+    "cache_dir",
     "to_uint8",
     "make_grid",
     "save_image",
@@ -77,22 +78,36 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def repo_root() -> Path:
-    """The repository root, found from the package location (not the working directory).
+def _is_checkout(folder: Path) -> bool:
+    """Whether `folder` is a ddpm_nb source tree (a clone, or an editable install of one)."""
+    pyproject = folder / "pyproject.toml"
+    try:
+        return (folder / "ddpm_nb").is_dir() and 'name = "ddpm_nb"' in pyproject.read_text()
+    except OSError:
+        return False
 
-    nbmake runs each notebook from its own folder, so relative paths would break;
-    `DDPM_NB_ROOT` overrides this for installed (non-editable) copies.
+
+def repo_root() -> Path | None:
+    """The repository (checkout) this package runs from, or None when it is installed from a wheel.
+
+    Found from the package location, not the working directory (nbmake runs each notebook from its
+    own folder). `DDPM_NB_ROOT` names a checkout explicitly. Where things go follows from it:
+    see `results_dir`, `data_root` and `cache_dir`.
     """
     env = os.environ.get("DDPM_NB_ROOT")
     if env:
         return Path(env).expanduser().resolve()
-    return Path(__file__).resolve().parent.parent
+    here = Path(__file__).resolve().parent.parent
+    return here if _is_checkout(here) else None
 
 
 def results_dir(*parts: str, create: bool = True) -> Path:
-    """`results/<parts...>` under the repo root (or under `DDPM_NB_RESULTS` when set)."""
-    base = Path(os.environ.get("DDPM_NB_RESULTS", repo_root() / "results")).expanduser()
-    path = base.joinpath(*parts)
+    """`results/<parts...>`: under `DDPM_NB_RESULTS` when set; else the checkout's `results/`; else
+    (installed from a wheel) `./results` of the working directory, never site-packages."""
+    env = os.environ.get("DDPM_NB_RESULTS")
+    root = repo_root()
+    base = Path(env) if env else (root / "results" if root is not None else Path.cwd() / "results")
+    path = base.expanduser().joinpath(*parts)
     if create:
         try:
             path.mkdir(parents=True, exist_ok=True)
@@ -104,10 +119,24 @@ def results_dir(*parts: str, create: bool = True) -> Path:
     return path
 
 
+def cache_dir() -> Path:
+    """The per-user cache: `DDPM_NB_CACHE`, else `$XDG_CACHE_HOME/ddpm_nb` (default ~/.cache/ddpm_nb).
+
+    Downloads go here when the data root is read-only, and it is the data root itself for an
+    installed (non-checkout) package, so `pip uninstall` leaves nothing in site-packages."""
+    env = os.environ.get("DDPM_NB_CACHE")
+    if env:
+        return Path(env).expanduser().resolve()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "ddpm_nb"
+
+
 def data_root() -> Path:
-    """The dataset root: `DDPM_NB_DATA` when set, else the repository's `data/`."""
+    """The dataset root: `DDPM_NB_DATA` when set; else the checkout's `data/`; else `cache_dir()`."""
     env = os.environ.get("DDPM_NB_DATA")
-    return Path(env).expanduser().resolve() if env else repo_root() / "data"
+    if env:
+        return Path(env).expanduser().resolve()
+    root = repo_root()
+    return root / "data" if root is not None else cache_dir()
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

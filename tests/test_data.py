@@ -20,9 +20,8 @@ from PIL import Image
 
 from ddpm_nb import data
 from ddpm_nb.config import DataConfig
-from ddpm_nb.utils import repo_root
 
-BUNDLED = repo_root() / "data" / "FashionMNIST-test"
+BUNDLED = Path(data.__file__).parent / "assets" / "FashionMNIST-test"  # package data: in the wheel too
 FASHION_MD5 = {  # torchvision's FashionMNIST.resources
     "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
     "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
