@@ -316,9 +316,10 @@ def make_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _sampling_args(a)
     a.add_argument("--num", type=int, default=16, help="images in the animated grid")
-    a.add_argument("--frames", type=int, default=60, help="frames taken from the chain (denser near the end)")
+    a.add_argument("--frames", type=int, default=40, help="frames taken from the chain (denser near the end)")
     a.add_argument("--fps", type=int, default=20, help="frames per second")
-    a.add_argument("--scale", type=int, default=4, help="nearest-neighbour upscaling of each image")
+    a.add_argument("--scale", type=int, default=2, help="nearest-neighbour upscaling of each image "
+                   "(2 keeps a 16-image GIF under 2 MB; show() and browsers can enlarge it)")
     a.add_argument("--no-mp4", action="store_true", help="write only the GIF")
     a.set_defaults(func=cmd_animate)
 
