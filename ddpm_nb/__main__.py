@@ -81,7 +81,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from .train import _plain
         print(yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False))
         return 0
-    trainer = Trainer(cfg, device=args.device, resume=args.resume, progress=not args.no_progress)
+    trainer = Trainer(cfg, device=args.device, resume=args.resume, progress="lines" if args.no_progress else True)
     if trainer.is_main:
         print(trainer.summary(), file=sys.stderr)
         if trainer.step:
@@ -299,7 +299,8 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue results/<name>/checkpoints/latest.pt exactly")
     t.add_argument("--device", default=None, help="cuda, cuda:1, mps or cpu (default: best available)")
     t.add_argument("--results-dir", default=None, help="where run folders go (default: results/ or $DDPM_NB_RESULTS)")
-    t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    t.add_argument("--no-progress", action="store_true",
+                   help="plain log lines instead of the bar (what a log file or pipe gets anyway)")
     t.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: $DDPM_NB_THREADS or torch's choice)")
     t.add_argument("--print-config", action="store_true", help="print the final configuration as YAML and exit")

@@ -8,6 +8,8 @@ import contextlib
 import math
 import os
 import random
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,8 @@ __all__ = [
     "atomic_path",
     "atomic_write_bytes",
     "set_threads",
+    "progress_mode",
+    "TrainProgress",
 ]
 
 
@@ -204,3 +208,81 @@ def save_image(images: torch.Tensor, path: str | os.PathLike, nrow: int | None =
     path.parent.mkdir(parents=True, exist_ok=True)
     iio.imwrite(path, make_grid(images, nrow=nrow, scale=scale))
     return path
+
+
+# ---- progress of long loops: a bar for people, plain lines for log files ------------------------------------
+def progress_mode(progress: bool | str) -> str:
+    """'bar', 'lines' or 'off' for a `progress` argument.
+
+    True / 'auto': a bar in a terminal or a notebook (Jupyter, Colab), else plain lines (stdout
+    redirected to a file or a pipe, nohup, a batch job). False / 'off': nothing. 'bar' and
+    'lines' force one.
+    """
+    if progress is False or progress is None or progress == "off":
+        return "off"
+    if progress in ("bar", "lines"):
+        return progress
+    if progress is True or progress == "auto":
+        if "ipykernel" in sys.modules:
+            return "bar"
+        try:
+            return "bar" if sys.stdout.isatty() and sys.stderr.isatty() else "lines"
+        except (AttributeError, ValueError):  # a closed or replaced stream
+            return "lines"
+    raise ValueError(f"progress must be True, False, 'auto', 'bar', 'lines' or 'off', got {progress!r}")
+
+
+def _hms(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class TrainProgress:
+    """What a training loop shows while it runs (see `progress_mode`).
+
+    bar:   a tqdm bar (refreshed at most twice a second) with the last logged loss and lr;
+    lines: one plain line on stdout per log row, flushed at once, e.g.
+           `step   400/1200 | loss 0.0612 | lr 2.00e-04 | 161 img/s | ETA 0:04:58`,
+           plus one line per `note` (validation loss, samples, checkpoints), so a log file grows
+           by a line per interval instead of a line per step;
+    off:   nothing.
+    Explained in notebooks/03_training.
+    """
+
+    def __init__(self, progress: bool | str, *, total: int, initial: int = 0, desc: str = ""):
+        self.mode, self.total, self.initial = progress_mode(progress), total, initial
+        self.started = time.perf_counter()
+        self.width = len(str(total))
+        self.bar = None
+        if self.mode == "bar":
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, mininterval=0.5,
+                            smoothing=0.05)
+
+    def update(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def eta(self, step: int) -> float:
+        """Seconds to `total` at the average pace of this run so far (periodic work included)."""
+        done = step - self.initial
+        return (time.perf_counter() - self.started) / done * (self.total - step) if done > 0 else float("nan")
+
+    def log(self, row: dict) -> None:
+        """A log row: step, loss (the interval's mean), lr, images_per_s."""
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", refresh=False)
+        elif self.mode == "lines":
+            eta = self.eta(row["step"])
+            print(f"step {row['step']:>{self.width}}/{self.total} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | "
+                  f"{row['images_per_s']:,.0f} img/s | ETA {_hms(eta) if math.isfinite(eta) else '?'}", flush=True)
+
+    def note(self, step: int, text: str) -> None:
+        """An event between log rows (validation loss, a checkpoint): a line in 'lines' mode."""
+        if self.mode == "lines":
+            print(f"step {step:>{self.width}}/{self.total} | {text}", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
