@@ -135,8 +135,9 @@ def test_wheel_installs_and_runs_outside_the_repository(tmp_path):
     assert Path(where[0]).is_relative_to(site_dir) and where[1] == "None", where
 
     assert "quick" in _run([python, "-m", "ddpm_nb", "presets"], work, env).stdout
-    _run([python, "-m", "ddpm_nb", "train", "--preset", "tiny", "--name", "wheel-run", "--steps", "4",
-          "--train.sample_every", "4", "--train.num_samples", "2", "--train.eval_batches", "1", "--no-progress"], work, env)
+    out = _run([python, "-m", "ddpm_nb", "train", "--preset", "tiny", "--name", "wheel-run", "--steps", "4",
+                "--train.sample_every", "4", "--train.num_samples", "2", "--train.eval_batches", "1"], work, env).stdout
+    assert "step 4/4 | loss " in out and "| checkpoint " in out, out   # stdout is a pipe: plain log lines
     assert (work / "results" / "wheel-run" / "checkpoints" / "latest.pt").is_file()
     assert not (site_dir / "results").exists() and not (site_dir / "data").exists()
     _run([python, "-m", "ddpm_nb", "sample", "wheel-run", "--num", "2", "--steps", "2", "--no-progress"], work, env)
