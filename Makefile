@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 RUN    ?= quick
+# Where torch comes from. Empty: PyPI (on Linux the ~5 GB CUDA build). For CPU wheels:
+#   make quick TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 
 .PHONY: quick test install install-dev clean-venv
 
@@ -13,6 +16,7 @@ $(BIN)/python:
 
 # re-install when the package metadata changes
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(if $(TORCH_INDEX),$(BIN)/python -m pip install -q torch torchvision --index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install -q -e .
 	touch $@
 

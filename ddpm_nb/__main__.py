@@ -116,7 +116,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from .checkpoint import plain
         print(yaml.safe_dump(plain(cfg.to_dict()), sort_keys=False))
         return 0
-    trainer = Trainer(cfg, device=args.device, resume=args.resume, progress=not args.no_progress)
+    trainer = Trainer(cfg, device=args.device, resume=args.resume, progress="lines" if args.no_progress else True)
     if trainer.is_main:
         print(trainer.summary(), file=sys.stderr)
         if trainer.step:
@@ -130,8 +130,45 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+CHECKPOINT_HELP = ("a checkpoint .pt file, a run folder, a run name (the folder results/<name>) or a shipped "
+                   "model's name (fashion-quick-cond)")
+
+
+def resolve_checkpoint(value: str) -> tuple[Path, Path]:
+    """(what to load, the run folder outputs go under) for a command's checkpoint argument.
+
+    Tried in order: an existing file or folder; a run name, i.e. `results_dir(value)` (so
+    `python -m ddpm_nb sample fm32` works from any folder); the name of a model shipped with the
+    package (outputs then go to results/<name>/). Anything else is a ConfigError that lists the runs.
+    """
+    from .shipped import PRETRAINED, pretrained_path
+    from .utils import results_dir
+
+    path = Path(value).expanduser()
+    if path.exists():
+        run = path if path.is_dir() else path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        return path, run
+    named = results_dir(value, create=False) if value and not path.is_absolute() else None
+    if named is not None and named.is_dir():
+        return named, named
+    if value in PRETRAINED:
+        return pretrained_path(value), results_dir(value, create=False)
+    base = results_dir(create=False)
+    runs = sorted(p.name for p in base.iterdir() if (p / "checkpoints").is_dir()) if base.is_dir() else []
+    if named is None:
+        raise ConfigError(f"no checkpoint at {path}")
+    raise ConfigError(f"no checkpoint at {path.resolve()}, and no run named {value!r} in {base} (runs there: "
+                      f"{', '.join(runs) or 'none'}) nor a shipped model of that name ({', '.join(PRETRAINED)})")
+
+
+def _checkpoint(args) -> tuple[Path, Path]:
+    if not hasattr(args, "resolved_checkpoint"):
+        args.resolved_checkpoint = resolve_checkpoint(args.checkpoint)
+    return args.resolved_checkpoint
+
+
 def _sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="a checkpoint .pt file or a run folder (results/<name>)")
+    p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("--method", choices=["ddim", "ddpm"], default="ddim", help="sampler (default ddim)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (ignored by ddpm, which uses all T)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 ancestral")
@@ -179,7 +216,7 @@ def _load_for_sampling(args):
     from .checkpoint import load_model
 
     _check_sampling_args(args)
-    model, diffusion, cfg = load_model(args.checkpoint, ema=not args.online, device=args.device)
+    model, diffusion, cfg = load_model(_checkpoint(args)[0], ema=not args.online, device=args.device)
     if args.method == "ddim" and args.steps > diffusion.timesteps:
         raise ConfigError(f"--steps {args.steps} is more than the model's {diffusion.timesteps} diffusion steps; "
                           f"use at most {diffusion.timesteps}")
@@ -211,9 +248,7 @@ def _out_dir(args, sub: str) -> Path:
     if args.out:
         out = Path(args.out)
     else:
-        ckpt = Path(args.checkpoint)
-        run = ckpt if ckpt.is_dir() else ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-        out = run / sub
+        out = _checkpoint(args)[1] / sub
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -298,7 +333,7 @@ def cmd_fid(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .checkpoint import export_weights
 
-    path = export_weights(args.checkpoint, args.out, ema=not args.online)
+    path = export_weights(_checkpoint(args)[0], args.out, ema=not args.online)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0
 
@@ -328,7 +363,8 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue results/<name>/checkpoints/latest.pt exactly")
     t.add_argument("--device", default=None, help="cuda, cuda:1, mps or cpu (default: best available)")
     t.add_argument("--results-dir", default=None, help="where run folders go (default: results/ or $DDPM_NB_RESULTS)")
-    t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    t.add_argument("--no-progress", action="store_true",
+                   help="plain log lines instead of the bar (what a log file or pipe gets anyway)")
     t.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: $DDPM_NB_THREADS or torch's choice)")
     t.add_argument("--print-config", action="store_true", help="print the final configuration as YAML and exit")
@@ -345,9 +381,10 @@ def make_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _sampling_args(a)
     a.add_argument("--num", type=int, default=16, help="images in the animated grid")
-    a.add_argument("--frames", type=int, default=60, help="frames taken from the chain (denser near the end)")
+    a.add_argument("--frames", type=int, default=40, help="frames taken from the chain (denser near the end)")
     a.add_argument("--fps", type=int, default=20, help="frames per second")
-    a.add_argument("--scale", type=int, default=4, help="nearest-neighbour upscaling of each image")
+    a.add_argument("--scale", type=int, default=2, help="nearest-neighbour upscaling of each image "
+                   "(2 keeps a 16-image GIF under 2 MB; show() and browsers can enlarge it)")
     a.add_argument("--no-mp4", action="store_true", help="write only the GIF")
     a.set_defaults(func=cmd_animate)
 
@@ -363,7 +400,7 @@ def make_parser() -> argparse.ArgumentParser:
     f.set_defaults(func=cmd_fid)
 
     e = sub.add_parser("export", help="write a small sampling-only checkpoint (EMA weights + config)")
-    e.add_argument("checkpoint", help="a checkpoint .pt file or a run folder")
+    e.add_argument("checkpoint", help=CHECKPOINT_HELP)
     e.add_argument("--out", required=True, help="where to write the exported .pt")
     e.add_argument("--online", action="store_true", help="export the online weights instead of the EMA")
     e.set_defaults(func=cmd_export)

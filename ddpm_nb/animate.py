@@ -7,7 +7,7 @@ first one pure noise, the last one the final sample (and optionally `x0_pred` of
 shape, the model's guess of the clean image at each step). `chain_frames` turns that into
 uint8 RGB frames (H, W, 3); `write_gif` / `write_mp4` save them; `show` displays them inline.
 
-    frames = chain_frames(x_t, x0_pred, num_frames=60)     # list of (H, W, 3) uint8
+    frames = chain_frames(x_t, x0_pred, num_frames=40)     # list of (H, W, 3) uint8
     # with a recorded ddpm_nb.sample.Trajectory:
     frames = chain_frames(traj.x_t, traj.x0_pred, timesteps=traj.timesteps)
     show(write_gif(frames, results_dir("anim") / "chain.gif"))
@@ -174,9 +174,9 @@ def chain_frames(
     x_t: torch.Tensor,
     x0_pred: torch.Tensor | None = None,
     *,
-    num_frames: int = 60,
+    num_frames: int = 40,
     nrow: int | None = None,
-    scale: int = 4,
+    scale: int = 2,
     late_bias: float = 2.0,
     hold_last: int = 10,
     label: bool = True,
@@ -296,35 +296,85 @@ def _gif_runs(frames: np.ndarray) -> tuple[list[np.ndarray], list[int]]:
     return kept, counts
 
 
-def encode_gif(frames: list[np.ndarray], *, fps: int = 20, loop: int = 0) -> bytes:
+GIF_TOLERANCE = 2  # grey levels (of 255) an in-between GIF frame may lag behind the chain: invisible, half the bytes
+
+
+def _gif_durations(counts: list[int], fps: int) -> list[int]:
+    """Milliseconds per stored frame; rounded on the running total (whole centiseconds) so the length does not drift."""
+    ends = np.rint(np.cumsum(counts) * 100.0 / fps).astype(np.int64)
+    delays_cs = np.diff(np.concatenate([[0], ends]))
+    return [int(max(2, d) * 10) for d in delays_cs]
+
+
+def _encode_gray_gif(kept: list[np.ndarray], durations: list[int], loop: int, tolerance: int) -> bytes:
+    """Grey frames (all r = g = b) with one fixed grey palette and delta frames.
+
+    The first and last frames are stored whole and exact (index = grey level). An in-between frame
+    redraws only the pixels that moved more than `tolerance` levels away from what is on screen;
+    the others get the transparent index 255 (which shows the frame below; such a frame draws
+    level 255 as 254). Unchanged labels, padding and settled pixels then cost almost nothing, which
+    per-frame adaptive palettes (Pillow's default) cannot do.
+    """
+    import io
+
+    from PIL import Image
+
+    palette = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)
+    images, shown = [], None
+    for k, frame in enumerate(kept):
+        g = frame[:, :, 0]
+        if k == 0 or k == len(kept) - 1:
+            idx, info = g, {}
+            shown = g
+        else:
+            moved = np.abs(g.astype(np.int16) - shown) > tolerance
+            idx = np.where(moved, np.minimum(g, 254), 255).astype(np.uint8)
+            shown = np.where(moved, g, shown)
+            info = {"transparency": 255}
+        im = Image.fromarray(np.ascontiguousarray(idx), "P")
+        im.putpalette(palette.tobytes())
+        im.info.update(info)
+        images.append(im)
+    buf = io.BytesIO()
+    images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=durations, loop=loop,
+                   disposal=1, optimize=False)
+    return buf.getvalue()
+
+
+def encode_gif(frames: list[np.ndarray], *, fps: int = 20, loop: int = 0, tolerance: int = GIF_TOLERANCE) -> bytes:
     """GIF bytes of (H, W, 3) uint8 frames; see `write_gif`."""
     if not 0 < fps <= GIF_MAX_FPS:
         raise ValueError(f"GIF fps must be in 1..{GIF_MAX_FPS} (GIF delays are whole centiseconds); "
                          f"got {fps!r}. Use write_mp4 for faster video.")
+    if not 0 <= tolerance <= 16:
+        raise ValueError(f"tolerance must be 0..16 grey levels, got {tolerance!r}")
     import imageio.v3 as iio
 
     stack = _uniform(frames)
     kept, counts = _gif_runs(stack)
-    # Delays in centiseconds, rounded on the running total so the length does not drift.
-    ends = np.rint(np.cumsum(counts) * 100.0 / fps).astype(np.int64)
-    delays_cs = np.diff(np.concatenate([[0], ends]))
-    durations_ms = [int(max(2, d) * 10) for d in delays_cs]
+    durations_ms = _gif_durations(counts, fps)
+    if tolerance and len(kept) > 1 and all((f[:, :, 0] == f[:, :, 1]).all() and (f[:, :, 0] == f[:, :, 2]).all() for f in kept):
+        return _encode_gray_gif(kept, durations_ms, loop, tolerance)
     return iio.imwrite("<bytes>", np.stack(kept), extension=".gif", duration=durations_ms, loop=loop)
 
 
-def write_gif(frames: list[np.ndarray], path, *, fps: int = 20, loop: int = 0) -> Path:
+def write_gif(frames: list[np.ndarray], path, *, fps: int = 20, loop: int = 0, tolerance: int = GIF_TOLERANCE) -> Path:
     """Save (H, W, 3) uint8 frames as an animated GIF; returns the path.
 
     Explained in notebooks/05_animations.
 
     fps: frames per second (1..50); loop: 0 = forever, n = play n more times.
+    Grey frames (1-channel images) use one exact grey palette; the first and last frames are
+    exact, and in-between frames redraw only pixels that changed by more than `tolerance` grey
+    levels (default 2 of 255, invisible), which keeps a 16-image chain under 2 MB; `tolerance=0`
+    stores every grey frame exactly (bigger). Colour frames get Pillow's adaptive palette per frame.
     Consecutive identical frames (e.g. the `hold_last` copies from `chain_frames`) are stored once
     with a longer delay, as GIF encoders do anyway, so a decoder reports fewer frames than
     `len(frames)` but the same total duration (`len(frames) / fps` seconds). Frames of different
     sizes are padded with white to the largest. The file is written atomically.
     """
     path = Path(path)
-    data = encode_gif(frames, fps=fps, loop=loop)
+    data = encode_gif(frames, fps=fps, loop=loop, tolerance=tolerance)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, data)
     return path
@@ -371,17 +421,46 @@ def write_mp4(frames: list[np.ndarray], path, *, fps: int = 20) -> Path:
     return path
 
 
+_GIF_CLASS = None
+
+
+def _gif_display_class():
+    """An `IPython.display.Image` subclass whose GIF also has an HTML form (built once, on first use)."""
+    global _GIF_CLASS
+    if _GIF_CLASS is None:
+        import base64
+
+        from IPython.display import Image
+
+        class AnimatedGIF(Image):
+            """A GIF for Jupyter: image/gif for JupyterLab and Colab, plus text/html
+            (`<img src="data:image/gif;base64,...">`) for what skips image/gif: `jupyter nbconvert --to html`,
+            nbviewer, GitHub. Small images are scaled up without blur (`image-rendering: pixelated`)."""
+
+            def _repr_html_(self) -> str:
+                b64 = base64.b64encode(self.data).decode("ascii")
+                width = f' width="{int(self.width)}"' if self.width else ""
+                return (f'<img src="data:image/gif;base64,{b64}"{width} alt="animation" '
+                        f'style="image-rendering: pixelated"/>')
+
+        _GIF_CLASS = AnimatedGIF
+    return _GIF_CLASS
+
+
 def show(path_or_frames, *, width: int | None = None):
     """Display a GIF/MP4 file, or a list of frames (shown as a GIF), inline in Jupyter or Colab.
 
     Explained in notebooks/05_animations.
 
-    Returns an `IPython.display.Image` (GIF) or `IPython.display.Video` with the data embedded
-    (MP4), which the notebook shows when it is the cell's last expression; `width` in pixels.
-    Returns None when IPython is not installed (plain scripts).
+    Returns a display object with the data embedded, which the notebook shows when it is the
+    cell's last expression (or through `display(...)`): for a GIF an `IPython.display.Image` that
+    also carries an HTML `<img>` form, so the animation survives `jupyter nbconvert --to html`,
+    nbviewer and GitHub; for an MP4 an `IPython.display.Video`. `width` in pixels (GIFs are scaled
+    up crisply). Returns None when IPython is not installed (plain scripts).
     """
     try:
-        from IPython.display import Image, Video
+        from IPython.display import Video
+        gif = _gif_display_class()
     except ImportError:
         return None
     if isinstance(path_or_frames, (str, os.PathLike)):
@@ -390,11 +469,11 @@ def show(path_or_frames, *, width: int | None = None):
             raise FileNotFoundError(f"no animation at {path}")
         suffix = path.suffix.lower()
         if suffix == ".gif":
-            return Image(data=path.read_bytes(), format="gif", width=width)
+            return gif(data=path.read_bytes(), format="gif", width=width)
         if suffix in (".mp4", ".webm", ".mov"):
             return Video(str(path), embed=True, width=width)
         raise ValueError(f"show() displays .gif and .mp4 files, got {path.name!r}")
-    return Image(data=encode_gif(list(path_or_frames)), format="gif", width=width)
+    return gif(data=encode_gif(list(path_or_frames)), format="gif", width=width)
 
 
 # --------------------------------------------------------------------------- noise interpolation

@@ -6,13 +6,14 @@ Every dataset built here yields `(image, label)` pairs:
 - `label`: int class index, or -1 when the source has no labels.
 
 Where the data comes from (the *data root*): `DataConfig.root`, else `$DDPM_NB_DATA`, else the
-repository's `data/` (an explicit root must be an existing folder: a typo is an error, not a
+checkout's `data/` (installed from a wheel: the per-user cache, `$DDPM_NB_CACHE` or
+`~/.cache/ddpm_nb`); an explicit root must be an existing folder (a typo is an error, not a
 fallback). With internet access FashionMNIST and Flowers102 download there by themselves.
-Offline, point `DDPM_NB_DATA` at a folder that already holds them (the course's `../shared/data`).
-A read-only root is only ever read; downloads then go to the cache (`$DDPM_NB_CACHE` or
-`~/.cache/ddpm_nb`). Download attempts give up at once when the server cannot be reached (or when
-`DDPM_NB_OFFLINE=1`). With nothing at all, FashionMNIST falls back to its test split, which ships
-with the repository in `data/FashionMNIST-test/` (MIT, Zalando SE).
+Offline, point `DDPM_NB_DATA` at a folder that already holds them. A read-only root is only ever
+read; downloads then go to the cache. Download attempts give up at once when the server (or the
+HTTP proxy) cannot be reached, or when `DDPM_NB_OFFLINE=1`. With nothing at all, FashionMNIST
+falls back to its test split, which ships inside the package in `ddpm_nb/assets/FashionMNIST-test/`
+(MIT, Zalando SE), so it works from a clone, a wheel and Colab alike.
 
 Explained in notebooks/03_training.
 """
@@ -39,7 +40,7 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from .config import DataConfig
-from .utils import data_root, repo_root
+from .utils import cache_dir, data_root, repo_root
 
 __all__ = [
     "DatasetNotFoundError",
@@ -67,15 +68,16 @@ FASHION_FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 FASHION_PARTS = {"train": ("train",), "test": ("test",), "all": ("train", "test")}
-FASHION_BUNDLED = "FashionMNIST-test"  # folder under data/ with the two t10k .gz files
+FASHION_BUNDLED = "FashionMNIST-test"  # folder with the two t10k .gz files (package data, see BUNDLED_DIR)
+BUNDLED_DIR = Path(__file__).resolve().parent / "assets" / FASHION_BUNDLED
 FLOWERS_SPLIT_KEYS = {"train": "trnid", "val": "valid", "test": "tstid"}  # keys of setid.mat
 NUM_CLASSES = {"fashion-mnist": 10, "flowers102": 102}
 
 
 
 def _offline_hint(holds: str) -> str:
-    return (f"Offline, point DDPM_NB_DATA at a folder that holds {holds} (e.g. DDPM_NB_DATA=../shared/data), "
-            "or set DataConfig.root.")
+    return (f"Connect to the internet once and it downloads by itself; or, offline, point DDPM_NB_DATA at a "
+            f"folder that holds {holds} (e.g. DDPM_NB_DATA=/path/to/data), or set DataConfig.root.")
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -83,7 +85,7 @@ class DatasetNotFoundError(FileNotFoundError):
 
 
 class BundledDataWarning(UserWarning):
-    """FashionMNIST fell back to the test split bundled in data/FashionMNIST-test/."""
+    """FashionMNIST fell back to the test split bundled with the package (ddpm_nb/assets/FashionMNIST-test/)."""
 
 
 class UnreadableImageWarning(UserWarning):
@@ -140,14 +142,6 @@ def _drop_unreadable(files: list[str], labels: list[int], where: Path) -> tuple[
 # ---------------------------------------------------------------------------------------------
 # Paths, permissions, network
 # ---------------------------------------------------------------------------------------------
-def cache_dir() -> Path:
-    """Writable folder for downloads when the data root is read-only: `$DDPM_NB_CACHE` or ~/.cache/ddpm_nb."""
-    env = os.environ.get("DDPM_NB_CACHE")
-    if env:
-        return Path(env).expanduser().resolve()
-    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "ddpm_nb"
-
-
 def _root(cfg: DataConfig) -> Path:
     """`cfg.root`, else `$DDPM_NB_DATA`, else the repository's data/ (see `_user_path` for relative paths).
 
@@ -170,12 +164,12 @@ def _explicit_empty_root(cfg: DataConfig, root: Path) -> bool:
 
 def _user_path(p: str | os.PathLike, *, data: bool = True) -> Path:
     """A user-given path: absolute as is; a relative one is looked up in the working directory, then
-    (when `data`) in the data root, then in the repository root, so `../shared/data` works both from
-    the repository (CLI) and from notebooks/ (nbmake runs notebooks there)."""
+    (when `data`) in the data root, then in the checkout's root (when there is one), so a path relative
+    to the repository works both from its root (CLI) and from notebooks/ (nbmake runs notebooks there)."""
     path = Path(p).expanduser()
     if path.is_absolute():
         return path
-    for base in (Path.cwd(), *([data_root()] if data else []), repo_root()):
+    for base in (Path.cwd(), *([data_root()] if data else []), *filter(None, [repo_root()])):
         if (base / path).exists():
             return (base / path).resolve()
     return path.resolve()
@@ -192,16 +186,30 @@ def _is_writable(path: Path) -> bool:
 _ONLINE: dict[tuple[str, int], bool] = {}
 
 
-def _network_available(url: str, timeout: float = 3.0) -> bool:
-    """Can we open a TCP connection to `url`'s host within `timeout` seconds? Cached per process.
+def _probe_target(url: str) -> tuple[str, int]:
+    """(host, port) a download of `url` connects to first: the HTTP(S) proxy when the environment
+    sets one (`https_proxy`, `http_proxy`, ... honouring `no_proxy`, as urllib does), else the server."""
+    import urllib.request
 
-    Runs in a thread so that a hanging DNS lookup cannot hang a notebook; `DDPM_NB_OFFLINE=1`
-    answers False without trying.
+    u = urlparse(url)
+    host = u.hostname or ""
+    proxy = urllib.request.getproxies().get(u.scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        p = urlparse(proxy if "://" in proxy else "http://" + proxy)
+        return p.hostname or "", p.port or (443 if p.scheme == "https" else 80)
+    return host, u.port or (443 if u.scheme == "https" else 80)
+
+
+def _network_available(url: str, timeout: float = 3.0) -> bool:
+    """Can we open a TCP connection toward `url` within `timeout` seconds? Cached per process.
+
+    Behind an HTTP proxy (`https_proxy` / `http_proxy`, not bypassed by `no_proxy`) it is the proxy
+    that is probed, since the download goes through it. Runs in a thread so that a hanging DNS
+    lookup cannot hang a notebook; `DDPM_NB_OFFLINE=1` answers False without trying.
     """
     if os.environ.get("DDPM_NB_OFFLINE", "").lower() in ("1", "true", "yes"):
         return False
-    u = urlparse(url)
-    key = (u.hostname or "", u.port or (443 if u.scheme == "https" else 80))
+    key = _probe_target(url)
     if key not in _ONLINE:
         ok = [False]
 
@@ -438,8 +446,9 @@ def _fashion_dirs(root: Path) -> list[Path]:
 
 
 def _bundled_dirs(root: Path) -> list[Path]:
-    """Where the bundled test split may be (the repository's copy is always the last resort)."""
-    return [root / FASHION_BUNDLED, repo_root() / "data" / FASHION_BUNDLED]
+    """Where the bundled test split may be: a copy under the data root, else the package's own
+    (`ddpm_nb/assets/`, in a checkout and in the wheel alike), always the last resort."""
+    return [root / FASHION_BUNDLED, BUNDLED_DIR]
 
 
 def _download_fashion(root: Path, sources: list[Path]) -> Path:
@@ -508,8 +517,8 @@ def _fashion_mnist(root: Path, split: str, transform: ImageTransform, *, explici
                 warnings.warn(
                     f"FashionMNIST {split!r} split not found under {root} and not downloadable ({reason}); using "
                     f"the 10,000-image test split bundled in {bundled[0].parent} instead. For the full 70,000 "
-                    f"images connect to the internet once, or set DDPM_NB_DATA to a folder with "
-                    f"FashionMNIST/raw/*.gz (e.g. ../shared/data).", BundledDataWarning, stacklevel=3)
+                    f"images connect to the internet once (it downloads by itself), or set DDPM_NB_DATA to a "
+                    f"folder with FashionMNIST/raw/*.gz.", BundledDataWarning, stacklevel=3)
             pairs = {"test": bundled}
     where = ", ".join(dict.fromkeys(str(p[0].parent) for p in pairs.values()))
     source = f"FashionMNIST {'/'.join(pairs)} split in {where}"

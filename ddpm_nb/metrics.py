@@ -1,6 +1,6 @@
 """FID and KID at teaching scale: the math on feature matrices, two feature extractors, a cache.
 
-Explained in notebooks/06_evaluation (planned); until then see the README's "Evaluation" notes.
+Explained in notebooks/07_evaluation and the README's "Evaluation" section.
 
 FID (Heusel et al. 2017) fits a Gaussian to the features of real and of generated images and
 measures the Frechet distance between the two:
@@ -240,7 +240,7 @@ class FashionMNISTClassifier(nn.Module):
 class FashionMNISTFeatures(nn.Module):
     """FID/KID features from the shipped FashionMNIST classifier: (B, C, H, W) in [-1, 1] -> (B, 128).
 
-    Explained in notebooks/06_evaluation (planned).
+    Explained in notebooks/07_evaluation.
 
     Any size and 1 or 3 channels: RGB is averaged to gray, and images are resized to 28x28
     (bilinear, antialiased when shrinking). Always in eval mode, no gradients.
@@ -596,7 +596,7 @@ def _extractor_name(extractor) -> str:
 class ReferenceStats:
     """Features of real images and their (mu, sigma), cached as .npz under results/fid_stats/.
 
-    Explained in notebooks/06_evaluation (planned).
+    Explained in notebooks/07_evaluation.
 
     One file per (dataset, split, image_size, extractor, count), e.g.
     `results/fid_stats/fashion_mnist-test-28px-fashion_mnist_cnn-n10000.npz`. The features are kept
@@ -695,7 +695,7 @@ def evaluate(sample_fn: Callable[[int], torch.Tensor] | torch.Tensor, real_image
              kid_subset_size: int | None = None, seed: int = 0, verbose: bool = True, progress: bool = True) -> dict:
     """FID and KID of `num_samples` generated images, with a real-vs-real baseline at the same count.
 
-    Explained in notebooks/06_evaluation (planned).
+    Explained in notebooks/07_evaluation.
 
     sample_fn:   a sampler `fn(n) -> (n, C, H, W)` in [-1, 1] (or a tensor / iterable of samples).
     real_images: a (N, C, H, W) tensor in [-1, 1], an iterable of batches, or a `ReferenceStats`

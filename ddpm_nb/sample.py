@@ -154,10 +154,18 @@ def _run(model, ts, x, return_trajectory, progress, desc, device, dtype, step):
     return x, Trajectory(timesteps=list(ts) + [-1], x_t=torch.stack(xs), x0_pred=torch.stack(x0s))
 
 
+def _round_ratio(num: int, den: int) -> int:
+    """round(num / den) exactly, halves to even as numpy/torch round: integer arithmetic, because
+    float32 `linspace(0, T - 1, steps).round()` lands one off (T = 4000, steps = 2682 gave 2310 for
+    2311) and float64 still misjudges exact halves."""
+    q, r = divmod(num, den)
+    return q + (2 * r > den or (2 * r == den and q % 2 == 1))
+
+
 def ddim_timesteps(timesteps: int, steps: int, spacing: str = "uniform") -> list[int]:
     """The subsequence of timesteps DDIM visits, in descending order.
 
-    "uniform": 0, c, 2c, ... with c = T // steps (DDIM paper); "linspace": round(linspace(0, T-1, steps));
+    "uniform": 0, c, 2c, ... with c = T // steps (DDIM paper); "linspace": round(linspace(0, T-1, steps)), computed exactly;
     "trailing": T-1, T-1-c, ... (Lin et al. 2024: always starts at the last, noisiest step).
     """
     if spacing not in SPACINGS:
@@ -167,7 +175,7 @@ def ddim_timesteps(timesteps: int, steps: int, spacing: str = "uniform") -> list
     if spacing == "uniform":
         ts = list(range(0, timesteps, timesteps // steps))[:steps]
     elif spacing == "linspace":
-        ts = torch.linspace(0, timesteps - 1, steps).round().long().tolist()
+        ts = [_round_ratio(i * (timesteps - 1), steps - 1) for i in range(steps)] if steps > 1 else [0]
     else:
         ts = [int(round(timesteps - i * timesteps / steps)) - 1 for i in range(steps)]
     return sorted(set(ts), reverse=True)

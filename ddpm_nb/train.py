@@ -30,7 +30,7 @@ from .config import ConfigError, RunConfig
 from .diffusion import GaussianDiffusion
 from .sample import sample as draw_samples
 from .unet import UNet, count_parameters
-from .utils import pick_device, results_dir, save_image
+from .utils import TrainProgress, pick_device, progress_mode, results_dir, save_image
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -204,11 +204,14 @@ class Trainer:
 
     resume=True continues from `run_dir/checkpoints/latest.pt` exactly (weights, optimizer,
     scaler, LR schedule, EMA, RNG states, data position). `on_log(trainer, row)` is called on every
-    log row (notebooks use it for live plots). Under `torchrun` it uses DistributedDataParallel.
+    log row (notebooks use it for live plots); a row's loss is the mean over its log interval.
+    `progress`: True = a bar in a terminal or notebook, one plain line per log row when the output
+    is a file or pipe; 'bar', 'lines' or False (silent) force one (see utils.TrainProgress).
+    Under `torchrun` it uses DistributedDataParallel.
     """
 
     def __init__(self, cfg: RunConfig, *, run_dir: str | os.PathLike | None = None, device=None,
-                 resume: bool = False, progress: bool = True, on_log: Callable | None = None,
+                 resume: bool = False, progress: bool | str = True, on_log: Callable | None = None,
                  train_dataset=None, val_dataset=None):
         self.cfg, self.progress, self.on_log = cfg, progress, on_log
         tc = cfg.train
@@ -262,6 +265,7 @@ class Trainer:
         self.step = 0
         self.micro_batches_seen = 0
         self.history: list[dict] = []
+        self._interval = [0.0, 0]  # loss sum and steps of the open log interval (checkpointed: resume logs alike)
         self.val_history: list[dict] = []
         self.last_checkpoint: Path | None = None  # the last good checkpoint (see save_checkpoint)
         self._good_step = 0
@@ -293,6 +297,7 @@ class Trainer:
             "config": _plain(self.cfg.to_dict()),
             "step": self.step,
             "micro_batches_seen": self.micro_batches_seen,
+            "log_interval": [float(self._interval[0]), int(self._interval[1])],
             "model": self.raw_model.state_dict(),
             "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -346,6 +351,8 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])  # else: amp changed to or from fp16, a fresh scaler
         self.step = self._good_step = int(state["step"])
         self.micro_batches_seen = int(state["micro_batches_seen"])
+        loss_sum, steps = state.get("log_interval", (0.0, 0))
+        self._interval = [float(loss_sum), int(steps)]
         torch.set_rng_state(state["rng"]["cpu"].cpu())
         if state["rng"]["cuda"] is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), self.device)
@@ -376,7 +383,7 @@ class Trainer:
             train_dataset, val_dataset = data_mod.train_val_datasets(data_cfg, cfg.unet.image_size)
         self.train_ds, self.val_ds = train_dataset, val_dataset
         if cfg.data.in_memory:
-            self.train_ds = _materialize(self.train_ds, progress=self.progress and self.is_main)
+            self.train_ds = _materialize(self.train_ds, progress=progress_mode(self.progress) == "bar" and self.is_main)
             if self.val_ds is not None:
                 self.val_ds = _materialize(self.val_ds, progress=False)
         self._tensors = None
@@ -550,21 +557,25 @@ class Trainer:
         tc = self.cfg.train
         until = min(until or tc.steps, tc.steps)
         batches = self._batches()
-        bar = tqdm(total=until, initial=self.step, desc=self.cfg.name, disable=not (self.progress and self.is_main),
-                   dynamic_ncols=True)
+        report = TrainProgress(self.progress if self.is_main else False, total=until, initial=self.step,
+                               desc=self.cfg.name)
         t0, last_step, started = time.perf_counter(), self.step, time.perf_counter()
         try:
             while self.step < until:
                 out = self.train_step(batches)
-                bar.update(1)
-                bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{out['lr']:.2e}")
+                self._interval[0] += out["loss"]  # a row's loss is its interval's mean, not one batch's
+                self._interval[1] += 1
+                report.update()
                 last = self.step == until
                 if self.is_main and (self.step % tc.log_every == 0 or last):
                     now = time.perf_counter()
-                    row = {"step": self.step, **out,
+                    row = {"step": self.step, **out, "loss": float(self._interval[0]) / self._interval[1],
                            "images_per_s": (self.step - last_step) * tc.batch_size / max(now - t0, 1e-9),
                            "time_s": now - started}
                     t0, last_step = now, self.step
+                    if self.step % tc.log_every == 0:  # a stop mid-interval leaves it open for the resume
+                        self._interval = [0.0, 0]
+                    report.log(row)
                     self.history.append(row)
                     self.folder.log.append(row)
                     if self._tb is not None:
@@ -576,6 +587,7 @@ class Trainer:
                                      (self.step == tc.steps)):
                     row = self.evaluate()
                     if row:
+                        report.note(self.step, f"val loss {row['val_loss']:.4f} (EMA weights {row['val_loss_ema']:.4f})")
                         self.val_history.append(row)
                         self.folder.val.append(row)
                         if self._tb is not None:
@@ -584,11 +596,12 @@ class Trainer:
                                     self._tb.add_scalar(f"val/{k}", v, self.step)
                 if self.is_main and ((tc.sample_every and self.step % tc.sample_every == 0) or
                                      self.step == tc.steps):
-                    self.save_samples()
+                    report.note(self.step, f"samples {self.save_samples()[-1]}")
                 if (tc.ckpt_every and self.step % tc.ckpt_every == 0) or last:
-                    self.save_checkpoint(loss=out["loss"])
+                    if self.save_checkpoint(loss=out["loss"]) is not None:
+                        report.note(self.step, f"checkpoint {self.ckpt_dir / 'latest.pt'}")
         finally:
-            bar.close()
+            report.close()
             if self._tb is not None:
                 self._tb.flush()
         return self.history

@@ -10,6 +10,8 @@ import math
 import os
 import random
 import shutil
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,7 @@ __all__ = [
     "repo_root",
     "results_dir",
     "data_root",
+    "cache_dir",
     "to_uint8",
     "make_grid",
     "save_image",
@@ -28,6 +31,8 @@ __all__ = [
     "atomic_write_bytes",
     "DiskFullError",
     "set_threads",
+    "progress_mode",
+    "TrainProgress",
 ]
 
 
@@ -80,22 +85,36 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def repo_root() -> Path:
-    """The repository root, found from the package location (not the working directory).
+def _is_checkout(folder: Path) -> bool:
+    """Whether `folder` is a ddpm_nb source tree (a clone, or an editable install of one)."""
+    pyproject = folder / "pyproject.toml"
+    try:
+        return (folder / "ddpm_nb").is_dir() and 'name = "ddpm_nb"' in pyproject.read_text()
+    except OSError:
+        return False
 
-    nbmake runs each notebook from its own folder, so relative paths would break;
-    `DDPM_NB_ROOT` overrides this for installed (non-editable) copies.
+
+def repo_root() -> Path | None:
+    """The repository (checkout) this package runs from, or None when it is installed from a wheel.
+
+    Found from the package location, not the working directory (nbmake runs each notebook from its
+    own folder). `DDPM_NB_ROOT` names a checkout explicitly. Where things go follows from it:
+    see `results_dir`, `data_root` and `cache_dir`.
     """
     env = os.environ.get("DDPM_NB_ROOT")
     if env:
         return Path(env).expanduser().resolve()
-    return Path(__file__).resolve().parent.parent
+    here = Path(__file__).resolve().parent.parent
+    return here if _is_checkout(here) else None
 
 
 def results_dir(*parts: str, create: bool = True) -> Path:
-    """`results/<parts...>` under the repo root (or under `DDPM_NB_RESULTS` when set)."""
-    base = Path(os.environ.get("DDPM_NB_RESULTS", repo_root() / "results")).expanduser()
-    path = base.joinpath(*parts)
+    """`results/<parts...>`: under `DDPM_NB_RESULTS` when set; else the checkout's `results/`; else
+    (installed from a wheel) `./results` of the working directory, never site-packages."""
+    env = os.environ.get("DDPM_NB_RESULTS")
+    root = repo_root()
+    base = Path(env) if env else (root / "results" if root is not None else Path.cwd() / "results")
+    path = base.expanduser().joinpath(*parts)
     if create:
         try:
             path.mkdir(parents=True, exist_ok=True)
@@ -107,10 +126,24 @@ def results_dir(*parts: str, create: bool = True) -> Path:
     return path
 
 
+def cache_dir() -> Path:
+    """The per-user cache: `DDPM_NB_CACHE`, else `$XDG_CACHE_HOME/ddpm_nb` (default ~/.cache/ddpm_nb).
+
+    Downloads go here when the data root is read-only, and it is the data root itself for an
+    installed (non-checkout) package, so `pip uninstall` leaves nothing in site-packages."""
+    env = os.environ.get("DDPM_NB_CACHE")
+    if env:
+        return Path(env).expanduser().resolve()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "ddpm_nb"
+
+
 def data_root() -> Path:
-    """The dataset root: `DDPM_NB_DATA` when set, else the repository's `data/`."""
+    """The dataset root: `DDPM_NB_DATA` when set; else the checkout's `data/`; else `cache_dir()`."""
     env = os.environ.get("DDPM_NB_DATA")
-    return Path(env).expanduser().resolve() if env else repo_root() / "data"
+    if env:
+        return Path(env).expanduser().resolve()
+    root = repo_root()
+    return root / "data" if root is not None else cache_dir()
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -216,3 +249,81 @@ def save_image(images: torch.Tensor, path: str | os.PathLike, nrow: int | None =
     with atomic_path(path) as tmp:
         iio.imwrite(tmp, make_grid(images, nrow=nrow, scale=scale))
     return path
+
+
+# ---- progress of long loops: a bar for people, plain lines for log files ------------------------------------
+def progress_mode(progress: bool | str) -> str:
+    """'bar', 'lines' or 'off' for a `progress` argument.
+
+    True / 'auto': a bar in a terminal or a notebook (Jupyter, Colab), else plain lines (stdout
+    redirected to a file or a pipe, nohup, a batch job). False / 'off': nothing. 'bar' and
+    'lines' force one.
+    """
+    if progress is False or progress is None or progress == "off":
+        return "off"
+    if progress in ("bar", "lines"):
+        return progress
+    if progress is True or progress == "auto":
+        if "ipykernel" in sys.modules:
+            return "bar"
+        try:
+            return "bar" if sys.stdout.isatty() and sys.stderr.isatty() else "lines"
+        except (AttributeError, ValueError):  # a closed or replaced stream
+            return "lines"
+    raise ValueError(f"progress must be True, False, 'auto', 'bar', 'lines' or 'off', got {progress!r}")
+
+
+def _hms(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class TrainProgress:
+    """What a training loop shows while it runs (see `progress_mode`).
+
+    bar:   a tqdm bar (refreshed at most twice a second) with the last logged loss and lr;
+    lines: one plain line on stdout per log row, flushed at once, e.g.
+           `step   400/1200 | loss 0.0612 | lr 2.00e-04 | 161 img/s | ETA 0:04:58`,
+           plus one line per `note` (validation loss, samples, checkpoints), so a log file grows
+           by a line per interval instead of a line per step;
+    off:   nothing.
+    Explained in notebooks/03_training.
+    """
+
+    def __init__(self, progress: bool | str, *, total: int, initial: int = 0, desc: str = ""):
+        self.mode, self.total, self.initial = progress_mode(progress), total, initial
+        self.started = time.perf_counter()
+        self.width = len(str(total))
+        self.bar = None
+        if self.mode == "bar":
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, mininterval=0.5,
+                            smoothing=0.05)
+
+    def update(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def eta(self, step: int) -> float:
+        """Seconds to `total` at the average pace of this run so far (periodic work included)."""
+        done = step - self.initial
+        return (time.perf_counter() - self.started) / done * (self.total - step) if done > 0 else float("nan")
+
+    def log(self, row: dict) -> None:
+        """A log row: step, loss (the interval's mean), lr, images_per_s."""
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", refresh=False)
+        elif self.mode == "lines":
+            eta = self.eta(row["step"])
+            print(f"step {row['step']:>{self.width}}/{self.total} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | "
+                  f"{row['images_per_s']:,.0f} img/s | ETA {_hms(eta) if math.isfinite(eta) else '?'}", flush=True)
+
+    def note(self, step: int, text: str) -> None:
+        """An event between log rows (validation loss, a checkpoint): a line in 'lines' mode."""
+        if self.mode == "lines":
+            print(f"step {step:>{self.width}}/{self.total} | {text}", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -149,7 +149,7 @@ def test_gif_decodes_with_hold_as_duration(tmp_path):
     path = write_gif(frames, tmp_path / "sub" / "chain.gif", fps=fps)
     assert path.is_file() and path.suffix == ".gif"
     assert not [p for p in path.parent.iterdir() if p.name != "chain.gif"], "no temp files left"
-    video = iio.imread(path, index=None)
+    video = iio.imread(path, index=None, mode="RGB")  # grey GIFs decode as "L" unless asked for RGB
     h, w = frames[0].shape[:2]
     # GIF stores the held final frame once, with a longer delay (see write_gif)
     assert video.shape == (num_frames, h, w, 3)
@@ -158,8 +158,38 @@ def test_gif_decodes_with_hold_as_duration(tmp_path):
     assert durations[-1] == (hold + 1) * 1000 // fps
     assert sum(durations) == len(frames) * 1000 // fps
     assert iio.immeta(path, index=0).get("loop") == 0
-    # grayscale frames survive the palette exactly
+    # grey frames: first and last exact, in-between ones within GIF_TOLERANCE grey levels (delta frames)
+    kept = [frames[i] for i in range(num_frames)]
+    np.testing.assert_array_equal(video[0], kept[0])
     np.testing.assert_array_equal(video[-1], frames[-1])
+    lag = max(int(np.abs(a.astype(int) - b).max()) for a, b in zip(video, kept))
+    assert 0 < lag <= animate.GIF_TOLERANCE, "in-between frames lag by at most the tolerance (and some do)"
+    exact = iio.imread(write_gif(frames, tmp_path / "exact.gif", fps=fps, tolerance=0), index=None, mode="RGB")
+    for a, b in zip(exact, kept):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_gif_colour_frames_still_decode(tmp_path):
+    frames = chain_frames(_chain(10, 4, 3, 8), num_frames=5, hold_last=0, scale=2, label=False)
+    video = iio.imread(write_gif(frames, tmp_path / "c.gif"), index=None, mode="RGB")
+    assert video.shape == (5, *frames[0].shape)
+    assert np.abs(video[-1].astype(int) - frames[-1]).mean() < 8  # adaptive palette: close, not exact
+
+
+@pytest.mark.slow
+def test_default_gif_of_16_images_is_under_2_mb(tmp_path):
+    """The CLI's default animation (16 images, DDIM-50, default frames and scale) of the shipped model."""
+    import ddpm_nb
+    from ddpm_nb.__main__ import make_parser
+    from ddpm_nb.sample import sample
+
+    args = make_parser().parse_args(["animate", "fashion-quick-cond"])
+    model, diffusion, _ = ddpm_nb.pretrained("fashion-quick-cond", device="cpu")
+    _, traj = sample(model, diffusion, args.num, method=args.method, steps=args.steps, y=torch.arange(16) % 10,
+                     generator=torch.Generator().manual_seed(0), progress=False, return_trajectory=True)
+    frames = chain_frames(traj.x_t, traj.x0_pred, num_frames=args.frames, scale=args.scale)
+    size = write_gif(frames, tmp_path / "chain.gif", fps=args.fps).stat().st_size
+    assert args.num == 16 and size <= 2e6, f"{size / 1e6:.2f} MB"
 
 
 def test_gif_rejects_bad_input(tmp_path):
@@ -200,7 +230,12 @@ def test_show_returns_display_objects(tmp_path, monkeypatch):
     frames = chain_frames(_chain(4, 1, 1, 8), num_frames=3, hold_last=1)
     gif = write_gif(frames, tmp_path / "a.gif")
     mp4 = write_mp4(frames, tmp_path / "a.mp4")
-    assert isinstance(animate.show(gif, width=200), Image)
+    shown = animate.show(gif, width=200)
+    assert isinstance(shown, Image)
+    html = shown._repr_html_()  # the form HTML exports use (they skip image/gif)
+    assert html.startswith('<img src="data:image/gif;base64,') and 'width="200"' in html
+    import base64
+    assert base64.b64decode(html.split("base64,")[1].split('"')[0]) == gif.read_bytes()
     assert isinstance(animate.show(mp4), Video)
     assert isinstance(animate.show(frames), Image)
     with pytest.raises(ValueError, match="gif"):
@@ -248,3 +283,27 @@ def test_slerp_many_alphas_and_parallel_fallback():
     same = slerp(z0, 2 * z0, 0.25)  # parallel: lerp
     torch.testing.assert_close(same, 1.25 * z0)
     assert torch.isfinite(slerp(z0, z0, 0.5)).all()
+
+
+@pytest.mark.slow
+def test_executed_notebook_exported_to_html_shows_the_gif(tmp_path):
+    """`jupyter nbconvert --to html` of an executed notebook keeps the animation inline (it used to print
+    `<IPython.core.display.Image object>`): a throwaway notebook, executed, exported with nbconvert."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    nbconvert = pytest.importorskip("nbconvert")
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(
+        "import numpy as np\n"
+        "from ddpm_nb import animate\n"
+        "frames = [np.full((8, 8, 3), v, np.uint8) for v in (0, 120, 255)]\n"
+        "gif = animate.write_gif(frames, 'tiny.gif')\n"
+        "animate.show(gif, width=64)")]
+    nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    html, _ = nbconvert.HTMLExporter().from_notebook_node(nb)
+    assert "IPython.core.display.Image object" not in html
+    import base64
+    import re
+    found = re.findall(r'<img[^>]* src="data:image/gif;base64,([A-Za-z0-9+/=]+)"', html)
+    assert found and base64.b64decode(found[0]) == (tmp_path / "tiny.gif").read_bytes()

@@ -285,3 +285,28 @@ def test_kills_at_any_moment_of_resume_lose_no_checkpointed_row(tmp_path):
     steps = [int(r.split(",")[0]) for r in (run / "log.csv").read_text().splitlines()[1:]]
     assert steps == list(range(5, 31, 5))
     assert not list(run.rglob(".*.tmp-*"))
+
+
+def test_sampling_commands_take_run_names(tmp_path, monkeypatch, capsys):
+    """`sample fm32` means results/fm32 wherever you stand; a shipped model's name works too and
+    writes under results/<name>/, never into the package; an unknown name lists the runs."""
+    from ddpm_nb.__main__ import resolve_checkpoint
+    from ddpm_nb.shipped import pretrained_path
+
+    monkeypatch.setenv("DDPM_NB_RESULTS", str(tmp_path / "results"))
+    run = tmp_path / "results" / "fm32"
+    (run / "checkpoints").mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert resolve_checkpoint("fm32") == (run, run)
+    ckpt = run / "checkpoints" / "latest.pt"
+    ckpt.write_bytes(b"")
+    assert resolve_checkpoint(str(ckpt)) == (ckpt, run)
+    assert resolve_checkpoint("fashion-quick-cond") == (pretrained_path("fashion-quick-cond"),
+                                                        tmp_path / "results" / "fashion-quick-cond")
+    assert main(["sample", "nope", "--num", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no run named 'nope'" in err and "fm32" in err
+    assert main(["sample", "fashion-quick-cond", "--num", "2", "--steps", "2", "--no-progress", "--device", "cpu"]) == 0
+    assert len(list((tmp_path / "results" / "fashion-quick-cond" / "samples_cli" / "images").glob("*.png"))) == 2

@@ -21,9 +21,8 @@ from PIL import Image
 
 from ddpm_nb import data
 from ddpm_nb.config import DataConfig
-from ddpm_nb.utils import repo_root
 
-BUNDLED = repo_root() / "data" / "FashionMNIST-test"
+BUNDLED = Path(data.__file__).parent / "assets" / "FashionMNIST-test"  # package data: in the wheel too
 FASHION_MD5 = {  # torchvision's FashionMNIST.resources
     "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
     "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
@@ -224,6 +223,39 @@ def test_offline_env_var_skips_network_probe(monkeypatch):
     monkeypatch.setenv("DDPM_NB_OFFLINE", "1")
     monkeypatch.setattr(socket, "create_connection", lambda *a, **k: pytest.fail("network was probed"))
     assert data._network_available("http://example.org/") is False
+
+
+def test_network_probe_goes_through_the_proxy(monkeypatch):
+    """Behind an HTTP proxy the server itself is unreachable; the probe must ask the proxy instead
+    (here a listening socket on 127.0.0.1), and go direct again for hosts in no_proxy."""
+    for var in ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
+                "all_proxy", "ALL_PROXY", "DDPM_NB_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    real = socket.create_connection
+    probed = []
+
+    def connect(address, *args, **kwargs):  # only the local "proxy" is reachable, as behind a firewall
+        probed.append(address)
+        if address[0] != "127.0.0.1":
+            raise OSError("unreachable (test)")
+        return real(address, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "create_connection", connect)
+    with socket.socket() as proxy:
+        proxy.bind(("127.0.0.1", 0))
+        proxy.listen(4)
+        port = proxy.getsockname()[1]
+        monkeypatch.setattr(data, "_ONLINE", {})
+        assert data._network_available("https://files.example.org/a.gz", timeout=1.0) is False
+        assert probed[-1] == ("files.example.org", 443)
+        monkeypatch.setenv("https_proxy", f"http://127.0.0.1:{port}")
+        monkeypatch.setattr(data, "_ONLINE", {})
+        assert data._network_available("https://files.example.org/a.gz", timeout=1.0) is True
+        assert probed[-1] == ("127.0.0.1", port)
+        monkeypatch.setenv("no_proxy", "example.org")
+        monkeypatch.setattr(data, "_ONLINE", {})
+        assert data._network_available("https://files.example.org/a.gz", timeout=1.0) is False
+        assert probed[-1] == ("files.example.org", 443)
 
 
 # ---------------------------------------------------------------------------------------------

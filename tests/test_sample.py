@@ -89,6 +89,19 @@ def test_ddim_timesteps(spacing):
         ddim_timesteps(100, 101, spacing)
 
 
+def test_ddim_linspace_timesteps_are_exact_at_large_T():
+    """float32 linspace rounded T=4000, 2682 steps to ...2310... (exact: 2311); compare every point with
+    exact rational rounding (halves to even, numpy's rule) for many step counts, ties included."""
+    from fractions import Fraction
+
+    T = 4000
+    assert 2311 in ddim_timesteps(T, 2682, "linspace") and 2310 not in ddim_timesteps(T, 2682, "linspace")
+    for steps in [2, 3, 15, 27, 1000, 2682, 3999, 4000, *range(5, T, 97)]:
+        exact = sorted({round(Fraction(i * (T - 1), steps - 1)) for i in range(steps)}, reverse=True)
+        assert ddim_timesteps(T, steps, "linspace") == exact, steps
+    assert ddim_timesteps(T, 1, "linspace") == [0]
+
+
 def test_classifier_free_guidance():
     torch.manual_seed(0)
     model = UNet(UNetConfig.tiny(num_classes=3)).eval()

@@ -348,3 +348,51 @@ def test_resume_without_a_run_starts_fresh_and_says_so(tmp_path, capsys):
     tr = _trainer(tmp_path, resume=True)
     assert tr.step == 0
     assert "no run to resume" in capsys.readouterr().err
+
+
+def test_unattended_log_has_one_line_per_interval_with_the_interval_mean(tmp_path, capsys):
+    """Output to a file: one plain line per log interval (step, mean loss, lr, images/s, ETA) plus the
+    validation loss and checkpoint saves, never a line per step; the logged loss is the interval's mean."""
+    cfg = _cfg(**{"train.steps": 12, "train.log_every": 4, "train.eval_every": 6, "train.ckpt_every": 6,
+                  "train.sample_every": 0})
+    tr = Trainer(cfg, run_dir=tmp_path / "run", device="cpu", progress="lines", train_dataset=_data(),
+                 val_dataset=_data(16, seed=1))
+    per_step = []
+    step = tr.train_step
+    tr.train_step = lambda batches: per_step.append(step(batches)) or per_step[-1]
+    tr.train()
+    lines = capsys.readouterr().out.splitlines()
+    import re
+    logged = [l for l in lines if "| loss " in l]
+    assert len(logged) == 3 and len(lines) <= 3 + 2 + 2 + 1, lines   # 3 intervals, 2 val, 2 checkpoints, samples
+    assert re.fullmatch(r"step +4/12 \| loss \d\.\d{4} \| lr \d\.\d\de-\d\d \| [\d,]+ img/s \| ETA \d:\d\d:\d\d",
+                        logged[0]), logged[0]
+    assert any(re.fullmatch(r"step +6/12 \| val loss \d\.\d{4} \(EMA weights \d\.\d{4}\)", l) for l in lines), lines
+    assert any(l.startswith("step 12/12 | checkpoint ") and l.endswith(".pt") for l in lines), lines
+    means = [sum(o["loss"] for o in per_step[i:i + 4]) / 4 for i in (0, 4, 8)]
+    assert [r["loss"] for r in tr.history] == pytest.approx(means, rel=1e-6)
+    assert tr.history[0]["loss"] != pytest.approx(per_step[3]["loss"], rel=1e-6), "not the last batch's loss"
+
+
+def test_progress_mode_follows_the_output(monkeypatch):
+    from ddpm_nb.utils import progress_mode
+
+    class Stream:
+        def __init__(self, tty):
+            self.tty = tty
+
+        def isatty(self):
+            return self.tty
+
+    monkeypatch.delitem(sys.modules, "ipykernel", raising=False)
+    monkeypatch.setattr(sys, "stdout", Stream(False))
+    monkeypatch.setattr(sys, "stderr", Stream(True))
+    assert progress_mode(True) == "lines" and progress_mode("auto") == "lines"
+    monkeypatch.setattr(sys, "stdout", Stream(True))
+    assert progress_mode(True) == "bar"
+    assert progress_mode(False) == "off" and progress_mode("lines") == "lines"
+    monkeypatch.setattr(sys, "stdout", Stream(False))
+    monkeypatch.setitem(sys.modules, "ipykernel", object())   # a notebook: the widget bar
+    assert progress_mode(True) == "bar"
+    with pytest.raises(ValueError, match="progress"):
+        progress_mode("loud")
