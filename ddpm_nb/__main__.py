@@ -1,4 +1,4 @@
-"""The command line for long runs: `python -m ddpm_nb {train,sample,animate,presets,bench} --help`.
+"""The command line for long runs: `python -m ddpm_nb {train,sample,animate,presets} --help`.
 
 Every training setting is a flag named after its place in the config (`--train.lr 1e-4`,
 `--unet.dropout 0`, `--data.dataset flowers102`), with a few short aliases (`--steps`,
@@ -408,9 +408,6 @@ def make_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("presets", help="list the named presets with their sizes")
     pr.set_defaults(func=cmd_presets)
 
-    # listed for --help only: main() hands `bench ...` to ddpm_nb.bench before argparse sees it
-    sub.add_parser("bench", help="throughput and memory benchmarks (python -m ddpm_nb bench --help)",
-                   add_help=False)
     return p
 
 
@@ -421,9 +418,6 @@ def main(argv: list[str] | None = None) -> int:
     from .utils import DiskFullError
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:  # the benchmark has its own parser; hand it every argument as is
-        from .bench import main as bench_main
-        return bench_main(argv[1:])
     args = make_parser().parse_args(argv)
     try:
         if hasattr(args, "threads"):

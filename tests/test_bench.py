@@ -3,13 +3,19 @@
 No timing assertions: the machines that run this are shared and noisy.
 """
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-import ddpm_nb.bench as bench
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # benchmarks/ sits beside the package, not inside it
+
+import benchmarks.bench as bench  # noqa: E402
 import ddpm_nb.unet as unet_mod
 from ddpm_nb.config import UNetConfig
 from ddpm_nb.diffusion import GaussianDiffusion
@@ -68,6 +74,18 @@ def test_repeats_report_the_median_run(tmp_path):
     (row,) = _lines(out)
     runs = row["images_per_s_runs"]
     assert row["repeats"] == 3 and len(runs) == 3 and row["images_per_s"] == sorted(runs)[1]
+
+
+def test_the_benchmark_is_a_script_beside_the_package_not_a_subcommand():
+    import ddpm_nb
+    import ddpm_nb.__main__ as cli
+
+    assert not (Path(ddpm_nb.__file__).parent / "bench.py").exists()
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])  # argparse: invalid choice
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--help"], capture_output=True,
+                          text=True, cwd="/", timeout=120)
+    assert done.returncode == 0 and "usage: python benchmarks/bench.py" in done.stdout
 
 
 def test_bad_arguments_are_reported_not_raised(capsys):

@@ -1,7 +1,7 @@
 """Benchmarks: training throughput and memory, sampling throughput, GIF-chain time, and peers.
 
-Not a lesson: the numbers and the exact commands live in results/BENCHMARKS.md.
-Run `python -m ddpm_nb bench --help`.
+Tooling beside the package, not a lesson: the numbers and the exact commands live in
+results/BENCHMARKS.md. Run `python benchmarks/bench.py --help` from a clone.
 
 What is measured (every row in the same run, on the same device):
 
@@ -43,13 +43,16 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import __version__
-from . import unet as unet_mod
-from .config import UNET_PRESETS, ConfigError, DiffusionConfig, UNetConfig, preset
-from .diffusion import GaussianDiffusion
-from .train import resolve_amp
-from .unet import UNet, count_parameters
-from .utils import pick_device, results_dir
+if __package__ in (None, ""):  # `python benchmarks/bench.py` in a clone: this clone's ddpm_nb first
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ddpm_nb import __version__
+from ddpm_nb import unet as unet_mod
+from ddpm_nb.config import UNET_PRESETS, ConfigError, DiffusionConfig, UNetConfig, preset
+from ddpm_nb.diffusion import GaussianDiffusion
+from ddpm_nb.train import resolve_amp
+from ddpm_nb.unet import UNet, count_parameters
+from ddpm_nb.utils import pick_device, results_dir
 
 __all__ = [
     "Rung",
@@ -482,7 +485,7 @@ def _sample_skip_reason(setting: str, device: torch.device) -> str | None:
 
 def bench_sample(plan: Plan, emit: Callable[[dict], None]) -> None:
     """DDPM over all T steps and DDIM-`ddim_steps`, for each batch size: images/s."""
-    from .sample import ddim_sample, ddpm_sample
+    from ddpm_nb.sample import ddim_sample, ddpm_sample
 
     for name in plan.presets:
         cfg = _unet_config(name, plan.image_size)
@@ -538,8 +541,8 @@ def bench_sample(plan: Plan, emit: Callable[[dict], None]) -> None:
 
 def bench_gif(plan: Plan, emit: Callable[[dict], None], gif_dir: Path | None = None) -> None:
     """Seconds to render a T-step DDPM chain of `gif_images` images as a GIF, split into its parts."""
-    from .animate import chain_frames, write_gif
-    from .sample import ddim_sample, ddpm_sample
+    from ddpm_nb.animate import chain_frames, write_gif
+    from ddpm_nb.sample import ddim_sample, ddpm_sample
 
     for name in plan.presets:
         cfg = _unet_config(name, plan.image_size)
@@ -805,7 +808,7 @@ def markdown_tables(rows: Iterable[dict]) -> str:
 # ---- command line ----------------------------------------------------------------------------
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m ddpm_nb bench",
+        prog="python benchmarks/bench.py",
         description="Training/sampling throughput, memory, FLOPs and MFU; GIF-chain time; peers. One JSON line "
                     "per measurement (stdout and --out), a Markdown table at the end. Without CUDA (or with "
                     "--cpu-small) the defaults are CPU-sized and the compile/CUDA-graph rows are skipped.")
@@ -921,10 +924,8 @@ def _read_jsonl(paths: Iterable[str]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m ddpm_nb bench ...`: run the benchmarks, print JSON lines and the tables. Returns 0."""
+    """`python benchmarks/bench.py ...`: run the benchmarks, print JSON lines and the tables. Returns 0."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--"]:  # `python -m ddpm_nb bench -- --what ...`
-        argv = argv[1:]
     args = make_parser().parse_args(argv)
     if args.report:
         table = markdown_tables(_read_jsonl(args.report))
