@@ -647,11 +647,46 @@ def _npy_files(path: Path) -> list[Path]:
     return files
 
 
+def _decode_packed_jpegs(data: np.ndarray, offsets: np.ndarray, size: int | None, name: str) -> np.ndarray:
+    """Packed JPEG bytes (image i is data[offsets[i]:offsets[i + 1]]) -> (N, S, S, 3) uint8 RGB.
+
+    Each image is center-cropped to a square and, when `size` is given and differs, resized to
+    size x size (bicubic), so the images stack. S = size, or the first image's shorter side.
+    """
+    import io
+
+    from PIL import Image
+
+    offsets = np.asarray(offsets, np.int64).reshape(-1)
+    if len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != data.size or np.any(np.diff(offsets) <= 0):
+        raise ValueError(f"{name}: 'offsets' must rise from 0 to the length of 'jpeg' ({data.size} bytes)")
+    out = None
+    raw = np.ascontiguousarray(data, np.uint8).tobytes()
+    for i in range(len(offsets) - 1):
+        with Image.open(io.BytesIO(raw[offsets[i]:offsets[i + 1]])) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            s = min(w, h)
+            im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+            size = size or s
+            if s != size:
+                im = im.resize((size, size), Image.BICUBIC)
+            if out is None:
+                out = np.empty((len(offsets) - 1, size, size, 3), np.uint8)
+            out[i] = np.asarray(im)
+    return out
+
+
 def _load_array_file(f: Path) -> tuple[np.ndarray, np.ndarray | None]:
     if f.suffix == ".npy":
         return np.load(f, allow_pickle=False), None
     with np.load(f, allow_pickle=False) as z:
         keys = list(z.keys())
+        if "jpeg" in keys and "offsets" in keys:  # JPEG files packed into one .npz (benchmarks/pack_flowers.py)
+            lab_key = next((k for k in _LABEL_KEYS if k in keys), None)
+            size = int(z["image_size"]) if "image_size" in keys else None
+            return (_decode_packed_jpegs(z["jpeg"], z["offsets"], size, str(f)),
+                    (z[lab_key] if lab_key else None))
         img_key = next((k for k in _IMAGE_KEYS if k in keys), keys[0] if len(keys) == 1 else None)
         if img_key is None:
             raise ValueError(f"{f}: cannot tell which array holds the images (keys {keys}); name it 'images'")
