@@ -8,7 +8,7 @@ RUN    ?= quick
 #   make quick TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH_INDEX ?=
 
-.PHONY: quick test install install-dev clean-venv
+.PHONY: quick test install install-dev clean-venv gpu gpu-cpu gpu-prep
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,19 @@ test: $(VENV)/.installed-dev
 	  --ignore-glob='notebooks/_scratch*' tests notebooks; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests: failing on purpose"; exit 1; fi; \
 	exit $$status
+
+# The one-command GPU run (benchmarks/gpu_run.sh; README "Benchmarks"). `make gpu-prep` here packs
+# Flowers102 into .carry/ and the peers' wheels into .whl/; `make gpu` on the CUDA machine (its own
+# python3, no venv: <= 9 minutes, <= 8 files in $OUT or results/gpu_run/); `make gpu-cpu` rehearses
+# every stage at tiny size on the CPU (results/gpu_run_cpu/).
+gpu:
+	bash benchmarks/gpu_run.sh
+
+gpu-cpu: $(VENV)/.installed
+	PYTHON=$(BIN)/python bash benchmarks/gpu_run.sh --cpu
+
+gpu-prep: $(VENV)/.installed
+	PYTHON=$(BIN)/python bash benchmarks/prep_gpu.sh
 
 clean-venv:
 	rm -rf $(VENV)

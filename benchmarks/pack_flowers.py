@@ -2,6 +2,7 @@
 
     python benchmarks/pack_flowers.py                     # -> .carry/flowers102.npz (about 31 MiB)
     python benchmarks/pack_flowers.py --limit 64 --out /tmp/f.npz   # a small one, for tests
+    python benchmarks/pack_flowers.py --quality 90        # re-encoded 64x64 crops: about 22 MiB, lossy
 
 The file is an .npz of the JPEG files' own bytes (no re-encoding: the course's copy of Flowers102
 is already stored at 64 px on the shorter side, so packing them is lossless and smaller than
@@ -43,8 +44,28 @@ def find_flowers(root: Path) -> Path:
                             "setid.mat, imagelabels.mat and jpg/); pass --data DIR or set DDPM_NB_DATA")
 
 
-def pack(folder: Path, out: Path, *, limit: int | None = None, image_size: int = 64) -> dict:
-    """Write the packed .npz of the Flowers102 images in `folder` (all splits, image order); returns its summary."""
+def _reencode(data: bytes, size: int, quality: int) -> bytes:
+    """The center square of a JPEG, resized to size x size, as a new JPEG of `quality`."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        im = im.convert("RGB")
+        w, h = im.size
+        s = min(w, h)
+        im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+        if s != size:
+            im = im.resize((size, size), Image.BICUBIC)
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=quality)
+        return buf.getvalue()
+
+
+def pack(folder: Path, out: Path, *, limit: int | None = None, image_size: int = 64,
+         quality: int | None = None) -> dict:
+    """Write the packed .npz of the Flowers102 images in `folder` (all splits, image order); returns its summary.
+
+    quality=None keeps every JPEG's own bytes (lossless); a number re-encodes the center crop at
+    image_size with that JPEG quality (smaller, lossy)."""
     from scipy.io import loadmat
 
     labels = loadmat(folder / "imagelabels.mat", squeeze_me=True)["labels"].astype(np.int64) - 1
@@ -52,6 +73,8 @@ def pack(folder: Path, out: Path, *, limit: int | None = None, image_size: int =
     chunks, offsets = [], [0]
     for i in range(n):
         b = (folder / "jpg" / f"image_{i + 1:05d}.jpg").read_bytes()
+        if quality is not None:
+            b = _reencode(b, image_size, quality)
         chunks.append(np.frombuffer(b, np.uint8))
         offsets.append(offsets[-1] + len(b))
     buf = io.BytesIO()
@@ -68,16 +91,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(DEFAULT_OUT), help="the packed file (default: .carry/flowers102.npz)")
     p.add_argument("--limit", type=int, default=None, help="pack only the first N images (tests)")
     p.add_argument("--image-size", type=int, default=64, help="side the loader crops/resizes to (default 64)")
+    p.add_argument("--quality", type=int, default=None,
+                   help="re-encode the center crops at this JPEG quality (1-95; default: keep the files' bytes)")
     args = p.parse_args(argv)
-    if args.limit is not None and args.limit < 1:
-        print(f"error: --limit must be >= 1, got {args.limit}", file=sys.stderr)
-        return 2
+    for flag, value, lo, hi in (("--limit", args.limit, 1, None), ("--image-size", args.image_size, 1, None),
+                                ("--quality", args.quality, 1, 95)):
+        if value is not None and (value < lo or (hi is not None and value > hi)):
+            print(f"error: {flag} must be {'in ' + str(lo) + '..' + str(hi) if hi else '>= ' + str(lo)}, "
+                  f"got {value}", file=sys.stderr)
+            return 2
     try:
         folder = find_flowers(Path(args.data).expanduser() if args.data else data_root())
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    info = pack(folder, Path(args.out), limit=args.limit, image_size=args.image_size)
+    info = pack(folder, Path(args.out), limit=args.limit, image_size=args.image_size, quality=args.quality)
     print(f"packed {info['images']} Flowers102 images ({info['classes']} classes) into {info['path']}: "
           f"{info['bytes'] / 2**20:.1f} MiB")
     return 0
