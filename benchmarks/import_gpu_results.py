@@ -284,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     jsonl = results / "bench" / f"{tag}.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
     figures = {}
-    for kind, name, suffix in (("grid", "flowers_samples.png", "samples.png"), ("GIF", "flowers_chain.gif", "chain.gif")):
+    for kind, name, suffix in (("grid", "flowers_samples.png", "samples.png"),
+                               ("GIF", "flowers_chain.gif", "chain.gif")):
         if (folder / name).is_file():
             dst = results / "figures" / f"{tag}-flowers-{suffix}"
             dst.parent.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,6 @@ names, shapes and JSON fields), the packed Flowers102 file, the stage budgets, a
 No timing assertions beyond the stages' own budgets (a stage over budget fails the run).
 """
 import importlib.util
-import io
 import json
 import os
 import subprocess
@@ -87,16 +86,21 @@ def test_pack_reencodes_when_asked_and_rejects_bad_offsets(shared_data, tmp_path
 
 
 def test_budgets_fit_the_device_limits():
-    # the GPU run: stages <= 520 s and gpu_run.sh's backstop 535 s, inside the 9 minutes (540 s) of the issue
-    assert gpu_run.GPU.total_s <= 520 and sum(v for k, v in gpu_run.GPU.budgets.items() if k != "flowers") < 520
+    # the GPU run: 515 s of stages and gpu_run.sh's backstop at 528 s leave >= 12 s of the issue's 9 minutes
+    # (540 s) for installing the wheels; the stages before flowers leave it >= 3 minutes
+    assert gpu_run.GPU.total_s <= 515
+    for mode in (gpu_run.GPU, gpu_run.CPU):  # flowers gets the rest: at least its own number
+        assert mode.budgets["flowers"] == mode.total_s - sum(v for k, v in mode.budgets.items() if k != "flowers")
+    assert gpu_run.GPU.budgets["flowers"] >= 180
     sh = (ROOT / "benchmarks" / "gpu_run.sh").read_text()
-    assert "limit=535" in sh and "limit=150" in sh
+    assert "limit=528" in sh and "limit=150" in sh
     assert gpu_run.CPU.total_s < 120
     assert len(gpu_run.OUTPUTS) <= gpu_run.MAX_FILES
     plan = gpu_run.GPU.flowers
     assert plan.num_samples >= 2000 and plan.shard * 64 * 64 * 3 <= gpu_run.MAX_BYTES
     shards = [n for n in gpu_run.OUTPUTS if n.startswith("flowers_samples_")]
-    assert len(shards) == -(-plan.num_samples // plan.shard) == -(-gpu_run.CPU.flowers.num_samples // gpu_run.CPU.flowers.shard)
+    cpu = gpu_run.CPU.flowers
+    assert len(shards) == -(-plan.num_samples // plan.shard) == -(-cpu.num_samples // cpu.shard)
 
 
 def test_the_gpu_flowers_model_comes_back_in_one_16_mib_file(tmp_path):
@@ -252,7 +256,8 @@ def test_importer_ships_only_a_better_model_and_rejects_other_folders(cpu_run, t
     dst = importer.ship_model(cpu_run, summary, decision, tmp_path / "assets", "CPU test")
     info = json.loads(dst.with_suffix(".json").read_text())
     assert dst.read_bytes() == (cpu_run / "flowers_ema_fp16.pt").read_bytes()
-    assert info["fid"]["gpu_run"] == 1.0 and info["fid"]["cpu_model"] == 2.0 and info["steps"] == summary["flowers"]["steps"]
+    assert info["fid"]["gpu_run"] == 1.0 and info["fid"]["cpu_model"] == 2.0
+    assert info["steps"] == summary["flowers"]["steps"]
     assert importer.main([str(tmp_path), "--results", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "summary.json" in err
