@@ -208,6 +208,8 @@ def compare_models(folder: Path, summary: dict, *, cpu_model: Path | None, extra
     gpu_x, gpu_y = load_samples(folder, s["files"])
     n = min(n or len(gpu_x), len(gpu_x))
     gpu_x, gpu_y = gpu_x[:n], gpu_y[:n]
+    print(f"FID at n={n}: sampling the CPU model, then features of {4 * n} images (Inception on a CPU: "
+          "about a minute per 100 images on one busy core)", file=sys.stderr)
     model, diffusion, cfg = load_model(cpu_model, device=device)
     size = min(gpu_x.shape[-1], cfg.unet.image_size)
     real = real_flowers(size, 2 * n, real_pack, prefer_pack=prefer_pack)
@@ -220,9 +222,13 @@ def compare_models(folder: Path, summary: dict, *, cpu_model: Path | None, extra
                                    steps=int(s["steps"]), y=y, guidance_scale=float(s["guidance_scale"]),
                                    generator=g, progress=False, device=device).cpu())
     cpu_x = torch.cat(batches)
-    kw = dict(num_samples=n, batch_size=128, verbose=False, progress=False)
-    gpu = metrics.evaluate(_resize(gpu_x, size), real, ext, **kw)
-    cpu = metrics.evaluate(_resize(cpu_x, size), real, ext, **kw)
+    # the real images' features once, for both models: n references + n more for the real-vs-real baseline
+    feats = metrics.compute_features(ext, real, 128, desc="real features")
+    ref = metrics.ReferenceStats.from_features(feats, dataset="flowers102", split="all", image_size=size,
+                                               extractor=str(getattr(ext, "name", type(ext).__name__)))
+    kw = dict(num_samples=n, batch_size=128, verbose=False)
+    gpu = metrics.evaluate(_resize(gpu_x, size), ref, ext, **kw)
+    cpu = metrics.evaluate(_resize(cpu_x, size), ref, ext, **kw)
     ship = decide(gpu["fid"], cpu["fid"])
     verdict = "yes" if ship else "no"
     return {"ship": ship, "n": n, "image_size": size, "extractor": gpu["extractor"], "gpu": gpu, "cpu": cpu,
@@ -269,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
                                                      "the data root, else .carry/flowers102.npz)")
     p.add_argument("--no-fid", action="store_true", help="import the numbers only; decide nothing about the model")
     args = p.parse_args(argv)
+    from ddpm_nb.utils import set_threads
+    set_threads()  # $DDPM_NB_THREADS, as everywhere in ddpm_nb
     folder = Path(args.folder)
     results = Path(args.results) if args.results else repo_root() / "results"
     try:
