@@ -357,6 +357,17 @@ def stage_flowers(ctx: Context, deadline: float) -> dict:
     # EMA weights in half precision: the file that comes back; everything below samples from exactly it
     state = half_state(cfg, trainer.ema.model, steps)
     model_path = save_checkpoint(state, ctx.out / "flowers_ema_fp16.pt")
+    losses = [r["loss"] for r in trainer.history]
+    result = {
+        "config": json.loads(json.dumps(state["config"])), "params": params, "images": len(trainer.train_ds),
+        "steps": steps, "batch": plan.batch, "images_seen": steps * plan.batch,
+        "epochs": round(steps * plan.batch / max(1, len(trainer.train_ds)), 2),
+        "data_s": round(t_data, 1), "train_s": round(train_wall, 1),
+        "images_per_s": round(steps * plan.batch / max(train_wall, 1e-9), 1), "compile": decision,
+        "final_loss": float(np.mean(losses[-5:])) if losses else None,
+        "log": [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()} for r in trainer.history],
+        "model_file": model_path.name, "model_bytes": model_path.stat().st_size}
+    (ctx.tmp / "flowers.partial.json").write_text(json.dumps({"flowers": result}))  # kept if sampling overruns
     model, diffusion, _ = load_model(model_path, device=device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -400,16 +411,8 @@ def stage_flowers(ctx: Context, deadline: float) -> dict:
                           scale=max(1, 32 // plan.unet.image_size))
     write_gif(frames, ctx.out / "flowers_chain.gif")
     gif_s = time.perf_counter() - t2
-    losses = [r["loss"] for r in trainer.history]
     return {"flowers": {
-        "config": json.loads(json.dumps(state["config"])), "params": params, "images": len(trainer.train_ds),
-        "steps": steps, "batch": plan.batch, "images_seen": steps * plan.batch,
-        "epochs": round(steps * plan.batch / max(1, len(trainer.train_ds)), 2),
-        "data_s": round(t_data, 1), "train_s": round(train_wall, 1),
-        "images_per_s": round(steps * plan.batch / max(train_wall, 1e-9), 1), "compile": decision,
-        "final_loss": float(np.mean(losses[-5:])) if losses else None,
-        "log": [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()} for r in trainer.history],
-        "model_file": model_path.name, "model_bytes": model_path.stat().st_size,
+        **result,
         "samples": {"n": int(len(images)), "files": files, "method": "ddim", "steps": plan.sample_steps,
                     "eta": 0.0, "guidance_scale": plan.guidance_scale, "labels": f"i % {FLOWERS_CLASSES}",
                     "seed": 0, "batch": plan.sample_batch, "dtype": "bf16" if dtype is not None else "fp32",
@@ -452,8 +455,10 @@ def run_stage(name: str, ctx: Context, budget: float) -> dict:
             proc.kill()
             proc.join()
     seconds = time.perf_counter() - t0
+    partial = ctx.tmp / f"{name}.partial.json"  # what a stage saved before it was stopped
     if timed_out:
-        out = {"status": "timeout", "error": f"stopped at its budget of {budget:.0f} s"}
+        out = {"status": "timeout", "error": f"stopped at its budget of {budget:.0f} s",
+               **(json.loads(partial.read_text()) if partial.exists() else {})}
     elif result.exists():
         out = json.loads(result.read_text())
     else:

@@ -110,12 +110,14 @@ def section(summary: dict, rows: list[dict], *, label: str, tag: str, figures: d
     fl = summary.get("flowers")
     if fl:
         u = fl["config"]["unet"]
-        s = fl["samples"]
+        s = fl.get("samples") or {"n": 0, "steps": "-", "guidance_scale": "-", "labels": "-", "seconds": 0.0}
+        fl.setdefault("gif", {"sampler": "none (stopped before)", "images": 0, "seconds": 0.0})
+        loss = "—" if fl["final_loss"] is None else f"{fl['final_loss']:.4f}"
         lines += [f"#### Flowers102 at {u['image_size']} px, class-conditional ({fl['params'] / 1e6:.2f}M parameters)",
                   "",
                   f"{fl['steps']:,} steps of {fl['batch']} ({fl['epochs']} epochs of {fl['images']:,} images) in "
                   f"{fl['train_s']:.0f} s, {fl['images_per_s']:.0f} img/s including the step's host sync and EMA; "
-                  f"final loss {fl['final_loss']:.4f}; torch.compile: {fl['compile'].get('why')}. EMA weights in "
+                  f"final loss {loss}; torch.compile: {fl['compile'].get('why')}. EMA weights in "
                   f"fp16: {fl['model_bytes'] / 2**20:.1f} MiB. {s['n']:,} samples (DDIM-{s['steps']}, guidance "
                   f"{s['guidance_scale']}, labels {s['labels']}) in {s['seconds']:.1f} s; "
                   f"GIF: {fl['gif']['sampler']}, {fl['gif']['images']} images, {fl['gif']['seconds']:.1f} s.", ""]
@@ -194,8 +196,8 @@ def compare_models(folder: Path, summary: dict, *, cpu_model: Path | None, extra
     from ddpm_nb.train import load_model
 
     fl = summary.get("flowers")
-    if not fl:
-        return {"ship": False, "summary": "no: the run has no Flowers model"}
+    if not fl or "samples" not in fl:
+        return {"ship": False, "summary": "no: the run brought back no Flowers samples to score"}
     if cpu_model is None or not cpu_model.is_file():
         return {"ship": False, "summary": f"no: there is no CPU Flowers model to compare with ({cpu_model}); "
                                           "rerun the import once it exists"}

@@ -144,6 +144,14 @@ def test_a_stage_over_its_budget_is_stopped_and_recorded(tmp_path, monkeypatch):
     res = gpu_run.run_stage("ladder", ctx, 10.0)
     assert res["status"] == "error" and "ZeroDivisionError" in res["error"]
 
+    def slow_flowers(ctx, deadline):  # trained and saved, then overran while sampling
+        (ctx.tmp / "flowers.partial.json").write_text(json.dumps({"flowers": {"steps": 5}}))
+        time.sleep(60)
+
+    monkeypatch.setitem(gpu_run.STAGE_FUNCS, "flowers", slow_flowers)
+    res = gpu_run.run_stage("flowers", ctx, 2.0)
+    assert res["status"] == "timeout" and res["flowers"] == {"steps": 5}
+
 
 # ---- the CPU mode end to end, then the importer on its output -----------------------------------------
 @pytest.fixture(scope="module")
