@@ -31,7 +31,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 # gpu_run.py budgets 515 s from its start to the end of its last stage (110 s on the CPU); this
 # backstop, with the wheels' install (~5-10 s) before it, keeps the whole command under 9 minutes
-limit=528; [ $cpu = 1 ] && limit=150
+limit=528; [ $cpu = 1 ] && limit=118
 timeout --signal=TERM --kill-after=5 $limit "$PYTHON" benchmarks/gpu_run.py "$@" 2>&1 | tee "$OUT/run.log"
 status=${PIPESTATUS[0]}
 [ -n "$site" ] && rm -rf "$site" "$site.log"

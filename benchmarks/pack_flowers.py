@@ -85,6 +85,19 @@ def pack(folder: Path, out: Path, *, limit: int | None = None, image_size: int =
     return {"path": str(out), "images": n, "classes": int(labels[:n].max()) + 1, "bytes": out.stat().st_size}
 
 
+def head(src: Path, out: Path, n: int) -> dict:
+    """Write the first `n` images of a packed file to `out` (the CPU rehearsal's small copy); returns its summary."""
+    with np.load(src, allow_pickle=False) as z:
+        offsets = z["offsets"][:n + 1]
+        arrays = dict(jpeg=z["jpeg"][:offsets[-1]], offsets=offsets, labels=z["labels"][:len(offsets) - 1],
+                      image_size=z["image_size"])
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out, buf.getvalue())
+    return {"path": str(out), "images": len(offsets) - 1, "bytes": out.stat().st_size}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python benchmarks/pack_flowers.py", description=__doc__.split("\n")[0])
     p.add_argument("--data", default=None, help="dataset root holding Flowers102 (default: $DDPM_NB_DATA or data/)")
