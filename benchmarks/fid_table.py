@@ -57,9 +57,15 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="results/bench/fid_inception_cpu.jsonl")
+    p.add_argument("--real-only", metavar="PRESET", default=None,
+                   help="only compute and cache the real features for this training preset's data, then stop")
     args = p.parse_args(argv)
     ddpm_nb.utils.set_threads(args.threads)
-    model, diffusion, cfg = ddpm_nb.pretrained(args.model, device="cpu")
+    if args.real_only:
+        from ddpm_nb.config import preset
+        model, diffusion, cfg = None, None, preset(args.real_only)
+    else:
+        model, diffusion, cfg = ddpm_nb.pretrained(args.model, device="cpu")
     extractor = metrics.InceptionFeatures()
     split = "test" if cfg.data.dataset == "fashion-mnist" else "all"
     data_cfg = cfg.data.replace(class_cond=False, limit=None, split=split)
@@ -71,6 +77,9 @@ def main(argv=None) -> None:
         imgs = real_images(data_cfg, cfg.unet.image_size, 2 * args.num, split=split, seed=0)
         real = metrics.compute_features(extractor, imgs, args.batch, progress=False)
         np.save(cache, real)
+    if args.real_only:
+        print(f"cached {real.shape} real features in {cache}")
+        return
     a, b = real[:args.num], real[args.num:2 * args.num]
     base = dict(model=args.model, dataset=cfg.data.dataset, split=split, image_size=cfg.unet.image_size,
                 extractor=extractor.name, device="cpu", threads=torch.get_num_threads(),
