@@ -214,6 +214,7 @@ def _load_for_sampling(args):
     import torch
 
     from .checkpoint import load_model
+    from .sample import device_generator
 
     _check_sampling_args(args)
     model, diffusion, cfg = load_model(_checkpoint(args)[0], ema=not args.online, device=args.device)
@@ -235,7 +236,7 @@ def _load_for_sampling(args):
         raise ConfigError(f"--guidance-scale {args.guidance_scale} has no effect: this checkpoint's model is "
                           "unconditional (num_classes=None); leave it at 1")
     kw = dict(method=args.method, steps=args.steps, eta=args.eta, y=labels, guidance_scale=args.guidance_scale,
-              generator=torch.Generator().manual_seed(args.seed), progress=not args.no_progress,
+              generator=device_generator(next(model.parameters()).device, args.seed), progress=not args.no_progress,
               dtype=torch.bfloat16 if args.bf16 else None)
     if args.method == "ddim":
         kw["spacing"] = args.spacing
@@ -270,12 +271,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_animate(args: argparse.Namespace) -> int:
-    from .animate import chain_frames, write_gif, write_mp4
-    from .sample import sample
+    from .animate import chain_frames, frame_schedule, write_gif, write_mp4
+    from .sample import ddim_timesteps, sample
 
     model, diffusion, cfg, kw = _load_for_sampling(args)
-    _, traj = sample(model, diffusion, args.num, return_trajectory=True, **kw)
-    frames = chain_frames(traj.x_t, traj.x0_pred, num_frames=args.frames, scale=args.scale)
+    steps = diffusion.timesteps if args.method == "ddpm" else len(ddim_timesteps(diffusion.timesteps, args.steps,
+                                                                                  args.spacing))
+    keep = frame_schedule(steps + 1, args.frames)  # record only the frames the GIF shows
+    _, traj = sample(model, diffusion, args.num, return_trajectory=True, trajectory_steps=keep, **kw)
+    frames = chain_frames(traj.x_t, traj.x0_pred, num_frames=len(keep), scale=args.scale, timesteps=traj.timesteps)
     out = _out_dir(args, "animations")
     stem = f"chain_{args.method}{args.steps if args.method == 'ddim' else ''}_seed{args.seed}"
     written = [write_gif(frames, out / f"{stem}.gif", fps=args.fps)]

@@ -498,9 +498,10 @@ def slerp(z0: torch.Tensor, z1: torch.Tensor, alpha: float | torch.Tensor) -> to
     if z0.dim() < 1:
         raise ValueError("z0 and z1 must have a batch dimension: (B, ...)")
     batch, rest = z0.shape[0], z0.shape[1:]
-    a = torch.as_tensor(alpha, dtype=torch.float64, device=z0.device).reshape(-1, 1)  # (N, 1)
-    v0 = z0.reshape(batch, -1).to(torch.float64)
-    v1 = z1.reshape(batch, -1).to(torch.float64)
+    # float64 on the CPU (Apple's MPS has no float64); the result goes back to z0's device and dtype
+    a = torch.as_tensor(alpha, dtype=torch.float64, device="cpu").reshape(-1, 1)  # (N, 1)
+    v0 = z0.reshape(batch, -1).to("cpu", torch.float64)
+    v1 = z1.reshape(batch, -1).to("cpu", torch.float64)
     n0, n1 = v0.norm(dim=1, keepdim=True), v1.norm(dim=1, keepdim=True)
     cos = ((v0 * v1).sum(dim=1, keepdim=True) / (n0 * n1).clamp_min(1e-30)).clamp(-1.0, 1.0)
     theta = torch.acos(cos)  # (B, 1)
@@ -510,4 +511,4 @@ def slerp(z0: torch.Tensor, z1: torch.Tensor, alpha: float | torch.Tensor) -> to
     w0 = torch.where(parallel, 1.0 - a, torch.sin((1.0 - a) * theta) / safe)
     w1 = torch.where(parallel, a + 0.0 * theta, torch.sin(a * theta) / safe)
     out = w0 * v0 + w1 * v1
-    return out.to(z0.dtype).reshape(out.shape[0], *rest)
+    return out.to(z0.device, z0.dtype).reshape(out.shape[0], *rest)

@@ -365,14 +365,20 @@ class TrainConfig(_Base):
     ckpt_every: int = _h("steps between checkpoints (latest + rotation)", 1000)
     keep_last: int = _h("how many step-numbered checkpoints to keep besides latest", 3)
     num_samples: int = _h("images in each sample grid", 64)
-    sample_steps: int = _h("DDIM steps for the sample grids during training", 50)
+    sample_steps: int = _h("DDIM steps for the final sample grids", 50)
+    preview_steps: int = _h("DDIM steps for the sample grids before the last step (at most sample_steps)", 20)
+    sample_weights: str = _h("which weights draw the sample grids: 'both' (online and EMA), 'ema' or 'online'",
+                             "both")
+    sample_amp: str = _h("precision of the sample grids: 'auto' (bf16 where it is native: GPUs with bf16, CPUs "
+                         "with AVX-512 BF16/AMX) or 'off' (fp32)", "auto")
     eval_batches: int = _h("validation batches per evaluation", 8)
     seed: int = _h("random seed", 0)
 
     def __post_init__(self):
         _typed(self)
         w = "TrainConfig"
-        for name in ("steps", "batch_size", "grad_accum", "num_samples", "sample_steps", "eval_batches"):
+        for name in ("steps", "batch_size", "grad_accum", "num_samples", "sample_steps", "preview_steps",
+                     "eval_batches"):
             _need(int(getattr(self, name)) >= 1, f"{w}.{name}", f"must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "log_every", "sample_every", "eval_every", "ckpt_every", "keep_last",
                      "ema_start"):
@@ -384,6 +390,9 @@ class TrainConfig(_Base):
         _need(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas), f"{w}.betas",
               f"must be two numbers in [0, 1) such as [0.9, 0.999], got {list(self.betas)}")
         _need(self.amp in AMP_MODES, f"{w}.amp", f"unknown mode {self.amp!r}; allowed: {', '.join(AMP_MODES)}")
+        _need(self.sample_weights in ("both", "ema", "online"), f"{w}.sample_weights",
+              f"must be 'both', 'ema' or 'online', got {self.sample_weights!r}")
+        _need(self.sample_amp in ("auto", "off"), f"{w}.sample_amp", f"must be 'auto' or 'off', got {self.sample_amp!r}")
         _need(self.lr_schedule in ("cosine", "constant"), f"{w}.lr_schedule",
               f"must be 'cosine' or 'constant', got {self.lr_schedule!r}")
         _need(0.0 <= self.ema_decay < 1.0, f"{w}.ema_decay", f"must be in [0, 1), got {self.ema_decay}")

@@ -29,6 +29,10 @@ class GaussianDiffusion(nn.Module):
             raise ValueError(f"schedule has {self.schedule.timesteps} steps but cfg.timesteps={self.cfg.timesteps}")
         # decided once here: reading the buffer in split_output would sync a GPU at every sampler step
         self._eps_from_clipped_x0 = self.cfg.objective != "v" or float(self.schedule.alphas_cumprod[-1]) > 0
+        # host copies (Python floats) of abar_t and 1 - abar_t (the latter from the float64-made buffer), for
+        # the samplers' per-step coefficients: read once here, never a device sync or a float64 device tensor
+        self.alphas_cumprod_host = self.schedule.alphas_cumprod.tolist()
+        self.one_minus_alphas_cumprod_host = [v * v for v in self.schedule.sqrt_one_minus_alphas_cumprod.tolist()]
 
     @property
     def timesteps(self) -> int:

@@ -28,6 +28,7 @@ from .checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError,
                          load_weights as _load_weights, plain as _plain, save_checkpoint)
 from .config import ConfigError, RunConfig
 from .diffusion import GaussianDiffusion
+from .sample import device_generator
 from .sample import sample as draw_samples
 from .unet import UNet, count_parameters
 from .utils import TrainProgress, pick_device, progress_mode, results_dir, save_image
@@ -249,9 +250,19 @@ class Trainer:
         self.diffusion = GaussianDiffusion(cfg.diffusion).to(self.device)
         self.amp_dtype, use_scaler = resolve_amp(tc.amp, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
-        fused = self.device.type == "cuda"
+        # one fused kernel for the whole update, on CPUs too (6.5 -> 1.7 ms per step on the tiny preset)
+        fused = self.device.type in _fused_adamw_devices()
         self.optimizer = torch.optim.AdamW(self.raw_model.parameters(), lr=tc.lr, betas=tc.betas,
                                            weight_decay=tc.weight_decay, **({"fused": True} if fused else {}))
+        # The NaN guard without a host sync per step: a fused AdamW skips its update on the device while
+        # `found_inf` is 1, and the flag is read at the next log/eval/sample/checkpoint step. A GradScaler
+        # (fp16) sets found_inf itself, and unfused optimizers cannot skip: those check every step.
+        self._deferred_guard = fused and not use_scaler
+        self._first_nonfinite = torch.full((), -1, dtype=torch.long, device=self.device)  # step, or -1
+        self._nonfinite_loss = torch.zeros((), device=self.device)
+        self._sample_dtype = torch.bfloat16 if tc.sample_amp == "auto" and \
+            resolve_amp("auto", self.device)[0] == torch.bfloat16 else None
+        _set_cudnn_benchmark(self.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, warmup=tc.warmup_steps, total=tc.steps,
                                                 schedule=tc.lr_schedule, min_ratio=tc.min_lr_ratio))
@@ -412,9 +423,10 @@ class Trainer:
                                    rank=self.rank, world=self.world, skip_batches=skip)
             if self._tensors is not None:  # in memory (on the GPU when training there): index directly
                 images, labels = self._tensors
-                order = torch.tensor(list(sampler), dtype=torch.long)
+                # the epoch's order goes to the device once, not one pageable copy per micro-batch
+                order = torch.tensor(list(sampler), dtype=torch.long).to(images.device)
                 for i in range(0, len(order) - self.micro_batch + 1, self.micro_batch):
-                    idx = order[i:i + self.micro_batch].to(images.device)
+                    idx = order[i:i + self.micro_batch]
                     yield images[idx], labels[idx]
                 continue
             # an explicit generator keeps the loader from drawing on the global RNG (dropout's)
@@ -445,7 +457,14 @@ class Trainer:
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     def train_step(self, batches: Iterator) -> dict:
-        """One optimizer step over `grad_accum` micro-batches. Returns {'loss', 'grad_norm', 'lr'}."""
+        """One optimizer step over `grad_accum` micro-batches. Returns {'loss', 'grad_norm', 'lr'}:
+        loss and grad_norm are 0-d tensors on the device (`float()` them when you need the numbers; on a
+        GPU that waits for the step, so the trainer does it only at the log interval), lr a float.
+
+        A non-finite loss never updates the weights or the optimizer state. With a fused AdamW and no
+        GradScaler the check stays on the device and `check_finite` raises at the next log, eval, sample
+        or checkpoint step; otherwise this step raises `TrainingDivergedError` at once.
+        """
         tc = self.cfg.train
         self.model.train()
         total = torch.zeros((), device=self.device)
@@ -465,14 +484,16 @@ class Trainer:
         if self.distributed:
             dist.all_reduce(total)
             total /= self.world
-        loss_value = total.item()
-        if not math.isfinite(loss_value):
-            self.optimizer.zero_grad(set_to_none=True)
-            where = self.last_checkpoint or "none yet"
-            raise TrainingDivergedError(
-                f"loss became {loss_value} at step {self.step}; the weights were not updated with it. Last good "
-                f"checkpoint: {where}. Lower train.lr, keep train.grad_clip on, or try train.amp='bf16' or 'off', "
-                "then resume.")
+        if self._deferred_guard:  # on the device: remember the first non-finite step, skip every update after it
+            new = ~torch.isfinite(total) & (self._first_nonfinite < 0)
+            self._first_nonfinite = torch.where(new, self.step, self._first_nonfinite)
+            self._nonfinite_loss = torch.where(new, total, self._nonfinite_loss)
+            self.optimizer.found_inf = (self._first_nonfinite >= 0).float()
+        else:
+            loss_value = total.item()
+            if not math.isfinite(loss_value):
+                self.optimizer.zero_grad(set_to_none=True)
+                self._diverged(loss_value, self.step)
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(),
                                                    tc.grad_clip if tc.grad_clip else float("inf"))
@@ -483,7 +504,20 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         self.ema.update(self.raw_model, self.step)
-        return {"loss": loss_value, "grad_norm": float(grad_norm), "lr": lr}
+        return {"loss": total, "grad_norm": grad_norm, "lr": lr}
+
+    def check_finite(self) -> None:
+        """Raise `TrainingDivergedError` if a step since the start had a non-finite loss (one device sync)."""
+        step = int(self._first_nonfinite)
+        if step >= 0:
+            self._diverged(float(self._nonfinite_loss), step)
+
+    def _diverged(self, loss_value: float, step: int):
+        where = self.last_checkpoint or "none yet"
+        raise TrainingDivergedError(
+            f"loss became {loss_value} at step {step}; the weights were not updated with it. Last good "
+            f"checkpoint: {where}. Lower train.lr, keep train.grad_clip on, or try train.amp='bf16' or 'off', "
+            "then resume.")
 
     # ---- periodic work ----------------------------------------------------------------------
     @torch.no_grad()
@@ -535,14 +569,17 @@ class Trainer:
         n = n or self.cfg.train.num_samples
         if self.cfg.unet.num_classes and "y" not in kw:
             kw["y"] = torch.arange(n, device=self.device) % self.cfg.unet.num_classes
-        g = torch.Generator().manual_seed(seed)
+        g = device_generator(self.device, seed)  # noise drawn on the device: no copy per step
         return draw_samples(net, self.diffusion, n, method=method, steps=steps or self.cfg.train.sample_steps,
                             generator=g, progress=False, device=self.device, **kw)
 
     def save_samples(self) -> list[Path]:
-        out = []
-        for ema in (False, True):
-            images = self.sample(ema=ema)
+        """The sample grids of this step: `sample_weights` (online and/or EMA), DDIM-`sample_steps` at the
+        end of training and DDIM-`preview_steps` before, in bf16 where it is native (`sample_amp`)."""
+        tc, out = self.cfg.train, []
+        steps = tc.sample_steps if self.step >= tc.steps else min(tc.preview_steps, tc.sample_steps)
+        for ema in {"both": (False, True), "online": (False,), "ema": (True,)}[tc.sample_weights]:
+            images = self.sample(ema=ema, steps=steps, dtype=self._sample_dtype)
             tag = "ema" if ema else "online"
             out.append(save_image(images, self.run_dir / "samples" / f"step_{self.step:07d}_{tag}.png",
                                   scale=2 if self.cfg.unet.image_size < 64 else 1))
@@ -563,11 +600,15 @@ class Trainer:
         try:
             while self.step < until:
                 out = self.train_step(batches)
-                self._interval[0] += out["loss"]  # a row's loss is its interval's mean, not one batch's
+                self._interval[0] += out["loss"]  # a row's loss is its interval's mean (a device tensor until then)
                 self._interval[1] += 1
                 report.update()
                 last = self.step == until
+                if last or any(every and self.step % every == 0
+                               for every in (tc.log_every, tc.eval_every, tc.sample_every, tc.ckpt_every)):
+                    self.check_finite()  # the deferred NaN guard, before anything is logged, drawn or saved
                 if self.is_main and (self.step % tc.log_every == 0 or last):
+                    out = {**out, "loss": float(out["loss"]), "grad_norm": float(out["grad_norm"])}  # the only syncs
                     now = time.perf_counter()
                     row = {"step": self.step, **out, "loss": float(self._interval[0]) / self._interval[1],
                            "images_per_s": (self.step - last_step) * tc.batch_size / max(now - t0, 1e-9),
@@ -621,6 +662,21 @@ class Trainer:
                 f"{len(self.train_ds)} training images, batch {self.cfg.train.batch_size} "
                 f"(x{self.cfg.train.grad_accum} accumulation, {self.world} process(es)), "
                 f"amp={self.amp_dtype}, device={self.device}")
+
+
+def _fused_adamw_devices() -> tuple[str, ...]:
+    """Device types with a fused AdamW kernel (torch's own list where it has one)."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+        return tuple(_get_fused_kernels_supported_devices())
+    except Exception:  # an older torch without the list
+        return ("cuda", "cpu")
+
+
+def _set_cudnn_benchmark(device: torch.device) -> None:
+    """Training shapes are fixed, so let cuDNN time its convolution algorithms once and keep the fastest."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
 
 
 IN_MEMORY_LIMIT = 2 * 1024 ** 3  # bytes of float32 images that `_materialize` may hold

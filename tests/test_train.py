@@ -119,7 +119,7 @@ def test_bf16_autocast_really_engages_and_loss_stays_fp32(tmp_path):
     assert seen and all(d == torch.bfloat16 for d in seen)
     assert losses == [torch.float32]
     assert all(p.dtype == torch.float32 for p in tr.raw_model.parameters())  # master weights stay fp32
-    assert torch.isfinite(torch.tensor(out["loss"]))
+    assert torch.isfinite(out["loss"])
 
 
 def test_fp16_uses_a_grad_scaler(tmp_path):
@@ -255,16 +255,24 @@ def test_wrong_channels_for_the_data(tmp_path):
                 train_dataset=_data(channels=3), val_dataset=_data(8, channels=3))
 
 
-def test_nan_loss_stops_with_step_and_checkpoint(tmp_path):
-    tr = _trainer(tmp_path, _cfg(**{"train.steps": 8}))
+@pytest.mark.parametrize("amp", ["off", "fp16"], ids=["deferred-check", "immediate-check"])
+def test_nan_loss_stops_with_step_and_checkpoint(tmp_path, amp):
+    """fp32/bf16 with the fused AdamW: checked on the device, raised at the next log step; fp16 (GradScaler)
+    checks at once. Either way no weight and no optimizer state changes from the non-finite step on."""
+    tr = _trainer(tmp_path, _cfg(**{"train.steps": 12, "train.log_every": 3, "train.amp": amp}))
+    assert tr._deferred_guard == (amp == "off")
     tr.train(until=4)
     before = [p.clone() for p in tr.raw_model.parameters()]
+    adam_before = {k: v["exp_avg_sq"].clone() for k, v in tr.optimizer.state_dict()["state"].items()}
     with torch.no_grad():
         tr.raw_model.conv_out.bias.fill_(float("nan"))
-    with pytest.raises(TrainingDivergedError, match=r"at step 4.*Last good checkpoint: .*step_0000004.pt"):
-        tr.train_step(tr._batches())
-    assert tr.step == 4
+    with pytest.raises(TrainingDivergedError, match=r"nan at step 4.*Last good checkpoint: .*step_0000004.pt"):
+        tr.train()
+    assert tr.step == (6 if amp == "off" else 4)  # the deferred check fires at the log step 6
     assert all(torch.equal(a, b) for a, b in zip(before[:-2], list(tr.raw_model.parameters())[:-2]))
+    for k, v in tr.optimizer.state_dict()["state"].items():
+        assert torch.equal(v["exp_avg_sq"], adam_before[k])
+    assert not (tmp_path / "run" / "checkpoints" / "step_0000008.pt").exists()
 
 
 def test_unwritable_results_dir(tmp_path):
