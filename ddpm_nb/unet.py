@@ -23,6 +23,7 @@ __all__ = [
     "Downsample",
     "Upsample",
     "UNet",
+    "sdpa_kernel",
     "count_parameters",
 ]
 
@@ -79,8 +80,11 @@ class ResBlock(nn.Module):
 class AttentionBlock(nn.Module):
     """Multi-head self-attention over the H*W positions, with a residual connection.
 
-    x: (B, C, H, W) -> (B, C, H, W). Uses F.scaled_dot_product_attention (flash / memory-efficient
-    kernels where available).
+    x: (B, C, H, W) -> (B, C, H, W). Uses F.scaled_dot_product_attention with q, k, v laid out as
+    (B, heads, H*W, d) with the head dimension d contiguous (last-dim stride 1), which every fused kernel
+    requires: flash / memory-efficient / cuDNN attention on GPUs, the flash kernel on CPUs (see
+    `sdpa_kernel`). A view straight out of the (B, 3C, H, W) convolution would have stride H*W there
+    and always fall back to the unfused math path.
     """
 
     def __init__(self, channels: int, groups: int, head_channels: int):
@@ -95,7 +99,10 @@ class AttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         qkv = self.qkv(self.norm(x))
-        q, k, v = rearrange(qkv, "b (three heads d) h w -> three b heads (h w) d", three=3, heads=self.heads)
+        # positions first, channels last and contiguous (a copy, or a view for channels_last inputs) ...
+        qkv = rearrange(qkv, "b (three heads d) h w -> b (h w) three heads d", three=3, heads=self.heads).contiguous()
+        # ... so that q, k, v: (B, heads, H*W, d) are views with d contiguous
+        q, k, v = rearrange(qkv, "b n three heads d -> three b heads n d")
         out = F.scaled_dot_product_attention(q, k, v)
         out = rearrange(out, "b heads (h w) d -> b (heads d) h w", h=h, w=w)
         return x + self.proj(out)
@@ -224,6 +231,52 @@ class UNet(nn.Module):
                 h = attn(res(torch.cat([h, hs.pop()], dim=1), emb))
             h = level.upsample(h)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+
+_SDPA_KERNELS = {  # the aten op scaled_dot_product_attention dispatches to -> a short name
+    "_scaled_dot_product_flash_attention_for_cpu": "flash (CPU)",
+    "_scaled_dot_product_flash_attention": "flash",
+    "_scaled_dot_product_efficient_attention": "memory-efficient",
+    "_scaled_dot_product_cudnn_attention": "cuDNN",
+    "_scaled_dot_product_fused_attention_overrideable": "fused (device)",
+}
+
+
+def sdpa_kernel(model: nn.Module, x: torch.Tensor, t: torch.Tensor | None = None, **kw) -> str:
+    """Which kernel F.scaled_dot_product_attention runs inside `model` for the input x: one of
+    "flash (CPU)", "flash", "memory-efficient", "cuDNN", "fused (device)", "math" (the unfused fallback),
+    or "none" (no attention ran). Runs one forward pass (without gradients) and watches the aten ops.
+    `model` is a UNet (called with x, t and any `kw`) or an AttentionBlock (called with x alone).
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen: list[str] = []
+
+    class _Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name in _SDPA_KERNELS:
+                seen.append(_SDPA_KERNELS[name])
+            elif name == "_scaled_dot_product_attention_math":
+                seen.append("math")
+            return func(*args, **(kwargs or {}))
+
+    calls = []
+    original = F.scaled_dot_product_attention
+
+    def spy(*a, **k):
+        calls.append(1)
+        return original(*a, **k)
+
+    F.scaled_dot_product_attention = spy
+    try:
+        with torch.no_grad(), _Watch():
+            model(x) if isinstance(model, AttentionBlock) else model(x, t, **kw)
+    finally:
+        F.scaled_dot_product_attention = original
+    if not calls:
+        return "none"
+    return seen[0] if seen else "math"  # the math path is composite: only its pieces reach the dispatcher
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:

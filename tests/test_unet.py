@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ddpm_nb.config import UNET_PRESETS, ConfigError, UNetConfig
-from ddpm_nb.unet import AttentionBlock, UNet, count_parameters, sinusoidal_embedding
+from ddpm_nb.unet import AttentionBlock, UNet, count_parameters, sdpa_kernel, sinusoidal_embedding
 
 
 @pytest.mark.parametrize("name", list(UNET_PRESETS))
@@ -93,3 +93,39 @@ def test_attention_block_equals_explicit_softmax_attention():
     attn = torch.softmax(q.transpose(-1, -2) @ k / math.sqrt(16), dim=-1)  # (B, heads, HW, HW)
     out = (attn @ v.transpose(-1, -2)).transpose(-1, -2).reshape(2, 32, 4, 4)
     torch.testing.assert_close(block(x), x + block.proj(out), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_attention_feeds_sdpa_a_contiguous_head_dim_and_gets_a_fused_kernel(monkeypatch, memory_format):
+    """Fused SDPA kernels refuse a last-dim stride != 1; with such inputs every call took the math path."""
+    torch.manual_seed(0)
+    block = AttentionBlock(64, groups=8, head_channels=16).eval()
+    x = torch.randn(2, 64, 8, 8).contiguous(memory_format=memory_format)
+    strides = []
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, *a, **kw):
+        strides.append([t.stride(-1) for t in (q, k, v)])
+        assert q.shape == (2, 4, 64, 16)
+        return original(q, k, v, *a, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    with torch.no_grad():
+        block(x)
+    assert strides == [[1, 1, 1]]
+    monkeypatch.undo()
+    assert sdpa_kernel(block, x) == "flash (CPU)"  # what this torch runs on a CPU for fp32 inputs
+    # the math path, forced, gives the same output
+    with torch.no_grad(), torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        reference = block(x)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), reference, atol=1e-5, rtol=1e-5)
+
+
+def test_sdpa_kernel_reports_the_math_fallback_and_the_whole_unet():
+    block = AttentionBlock(32, groups=8, head_channels=16).eval()
+    x = torch.randn(1, 32, 4, 4)
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        assert sdpa_kernel(block, x) == "math"
+    net = UNet(UNetConfig.tiny()).eval()
+    assert sdpa_kernel(net, torch.randn(1, 1, 16, 16), torch.tensor([3])) == "flash (CPU)"
