@@ -294,6 +294,7 @@ def _measure_train_step(make_model: Callable[[], nn.Module], diffusion: Gaussian
     if rung.channels_last:
         x0 = x0.contiguous(memory_format=torch.channels_last)
     graphs = compile_mode is not None and compile_mode in ("reduce-overhead", "max-autotune")
+    attention = "naive" if naive else f"sdpa: {_attention_kernel(raw, x0, amp_dtype, device)}"
 
     def step():
         if graphs:
@@ -321,7 +322,16 @@ def _measure_train_step(make_model: Callable[[], nn.Module], diffusion: Gaussian
     return {"images_per_s": shape[0] * iters / elapsed, "step_ms": 1e3 * elapsed / iters,
             "warmup_s": warmup_s, "peak_mem_mb": mem, "mem_kind": mem_kind,
             "amp": "bf16" if amp_dtype is not None else "fp32", "channels_last": rung.channels_last,
-            "attention": "naive" if naive else "sdpa", "compile_mode": compile_mode}
+            "attention": attention, "compile_mode": compile_mode}
+
+
+def _attention_kernel(model: nn.Module, x0: torch.Tensor, amp_dtype, device: torch.device) -> str:
+    """The SDPA kernel the model's attention runs for this rung (`unet.sdpa_kernel`), e.g. 'flash'."""
+    try:
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            return unet_mod.sdpa_kernel(model, x0[:1], torch.zeros(1, dtype=torch.long, device=device))
+    except Exception:  # a peer whose forward takes other arguments
+        return "unknown kernel"
 
 
 # Skipped and failed rows carry the measured fields too, as None, so every row has the same keys.
@@ -723,7 +733,8 @@ def _ips(r: dict) -> str:
 
 
 def _note(r: dict) -> str:
-    return r.get("skipped") or r.get("error") or ""
+    kernel = r.get("attention", "") if str(r.get("attention", "")).startswith("sdpa:") else ""
+    return r.get("skipped") or r.get("error") or kernel
 
 
 def markdown_tables(rows: Iterable[dict]) -> str:
