@@ -416,6 +416,15 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _compute_device_type(device: str | None):
+    """The device type a command will compute on, as far as threads matter: "cpu" or "cuda" (any accelerator)."""
+    from .utils import pick_device
+    try:
+        return "cpu" if pick_device(device).type == "cpu" else "cuda"
+    except (RuntimeError, ValueError):
+        return "cpu"
+
+
 def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .data import DatasetNotFoundError
@@ -426,11 +435,14 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     try:
         if hasattr(args, "threads"):
-            from .utils import set_threads
+            from .utils import busy_cpu_warning, set_threads
             try:
-                set_threads(args.threads)
+                threads = set_threads(args.threads)
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
+            warning = busy_cpu_warning(threads, _compute_device_type(getattr(args, "device", None)))
+            if warning:
+                print(warning, file=sys.stderr)
         return args.func(args)
     except (ConfigError, CheckpointError, DatasetNotFoundError, TrainingDivergedError, FileExistsError,
             PermissionError, DiskFullError, ValueError) as exc:

@@ -33,6 +33,7 @@ __all__ = [
     "set_threads",
     "progress_mode",
     "TrainProgress",
+    "busy_cpu_warning",
 ]
 
 
@@ -72,6 +73,25 @@ def set_threads(n: int | str | None = None) -> int:
         raise ValueError(f"threads must be a positive integer, got {n} (--threads or DDPM_NB_THREADS)")
     torch.set_num_threads(n)
     return n
+
+
+def busy_cpu_warning(threads: int | None = None, device=None) -> str | None:
+    """One line of warning when torch will compute on a CPU that other processes already keep busy
+    (1-minute load average + our threads > cores), else None. Suggests a thread count that fits."""
+    if device is not None and torch.device(device).type != "cpu" or not hasattr(os, "getloadavg"):
+        return None
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return None
+    cores = os.cpu_count() or 1
+    threads = threads or torch.get_num_threads()
+    if load + threads <= cores + 0.5:
+        return None
+    fit = max(1, cores - round(load))
+    advice = f"--threads {fit} (or DDPM_NB_THREADS={fit})" if fit < threads else "expect it to run slower"
+    return (f"warning: the CPU is busy (load {load:.1f} on {cores} cores) and torch uses {threads} thread(s); "
+            f"threads waiting for a busy core can make a run several times slower: {advice}")
 
 
 def seed_everything(seed: int) -> torch.Generator:

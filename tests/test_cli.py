@@ -9,6 +9,7 @@ from pathlib import Path
 import imageio.v3 as iio
 import pytest
 import yaml
+import torch
 
 from ddpm_nb.__main__ import build_config, make_parser, main
 from ddpm_nb.train import load_checkpoint
@@ -310,3 +311,27 @@ def test_sampling_commands_take_run_names(tmp_path, monkeypatch, capsys):
     assert err.startswith("error: ") and "no run named 'nope'" in err and "fm32" in err
     assert main(["sample", "fashion-quick-cond", "--num", "2", "--steps", "2", "--no-progress", "--device", "cpu"]) == 0
     assert len(list((tmp_path / "results" / "fashion-quick-cond" / "samples_cli" / "images").glob("*.png"))) == 2
+def test_busy_cpu_warning(monkeypatch, capsys):
+    """One line when the load average plus our threads exceed the cores; nothing on an idle machine or a GPU."""
+    from ddpm_nb import utils
+
+    monkeypatch.setattr(utils.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(utils.os, "getloadavg", lambda: (1.2, 1.0, 1.0))
+    msg = utils.busy_cpu_warning(2, "cpu")
+    assert msg.startswith("warning: the CPU is busy (load 1.2 on 2 cores)") and "--threads 1" in msg
+    assert "\n" not in msg
+    monkeypatch.setattr(utils.os, "getloadavg", lambda: (1.8, 1.0, 1.0))
+    assert "slower" in utils.busy_cpu_warning(1, "cpu") and "--threads" not in utils.busy_cpu_warning(1, "cpu")
+    assert utils.busy_cpu_warning(2, "cuda") is None
+    monkeypatch.setattr(utils.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    assert utils.busy_cpu_warning(2, "cpu") is None
+    # the command line prints it once, before its work (here: an error about the missing checkpoint)
+    monkeypatch.setattr(utils.os, "getloadavg", lambda: (3.0, 3.0, 3.0))
+    threads = torch.get_num_threads()
+    try:
+        assert main(["sample", "no-such-run.pt", "--threads", "2", "--device", "cpu"]) == 2
+    finally:
+        torch.set_num_threads(threads)
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("warning: the CPU is busy (load 3.0 on 2 cores) and torch uses 2 thread(s)")
+    assert err[1].startswith("error:")

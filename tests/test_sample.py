@@ -126,3 +126,127 @@ def test_sampler_restores_training_mode(setup):
     sample(model, d, 1, steps=2, progress=False)
     assert model.training
     model.eval()
+
+
+# ---- fast paths (issue 13) -------------------------------------------------------------------
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_leaves  # noqa: E402
+
+from ddpm_nb.sample import ddim_coefficients, ddim_step, device_generator  # noqa: E402
+
+
+class _RecordOutputs(TorchDispatchMode):
+    """Records (op, dtype, device) of every tensor an aten op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.seen += [(str(func), t.dtype, t.device.type) for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        return out
+
+    def float64_off_cpu(self):
+        return sorted({op for op, dtype, device in self.seen if dtype == torch.float64 and device != "cpu"})
+
+
+def test_no_float64_tensor_on_a_non_cpu_device():
+    """Apple's MPS has no float64: no sampler or animation path may put one on the device (the trainer's
+    grids: tests/test_train.py). Runs on the 'meta' device (and a fake CUDA device for slerp, which copies
+    to the CPU)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from ddpm_nb.animate import slerp
+
+    torch.manual_seed(0)
+    model = UNet(UNetConfig.tiny(num_classes=3)).to("meta").eval()
+    d = GaussianDiffusion(DiffusionConfig(timesteps=12)).to("meta")
+    y = torch.tensor([0, 2], device="meta")
+    with _RecordOutputs() as rec:
+        ddpm_sample(model, d, (2, 1, 16, 16), y=y, guidance_scale=2.0, progress=False,
+                    generator=device_generator("meta", 0))
+        ddpm_sample(model, d, (2, 1, 16, 16), variance="fixed_large", progress=False)
+        for eta in (0.0, 1.0):
+            ddim_sample(model, d, (2, 1, 16, 16), steps=4, eta=eta, progress=False,
+                        generator=device_generator("meta", 0))
+    assert rec.seen and {device for _, _, device in rec.seen} >= {"meta"}
+    assert rec.float64_off_cpu() == []
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        z = torch.randn(2, 1, 8, 8, device="cuda")
+        with _RecordOutputs() as rec:
+            out = slerp(z[:1], z[1:], torch.linspace(0, 1, 5))
+        assert out.device.type == "cuda" and out.dtype == torch.float32 and out.shape == (5, 1, 8, 8)
+    assert any(dtype == torch.float64 for _, dtype, _ in rec.seen)  # computed in float64, on the CPU
+    assert rec.float64_off_cpu() == []
+
+
+def test_ddim_coefficients_are_floats_computed_in_double(setup):
+    _, d = setup
+    ab = d.schedule.alphas_cumprod.double()
+    one_minus = d.schedule.sqrt_one_minus_alphas_cumprod.double() ** 2
+    for t, t_prev, eta in [(30, 20, 0.0), (30, 20, 1.0), (5, -1, 0.5), (39, 0, 0.3)]:
+        c_x0, c_eps, sigma = ddim_coefficients(d, t, t_prev, eta)
+        assert all(type(c) is float for c in (c_x0, c_eps, sigma))
+        ab_prev = ab[t_prev] if t_prev >= 0 else torch.tensor(1.0, dtype=torch.float64)
+        om_prev = one_minus[t_prev] if t_prev >= 0 else torch.tensor(0.0, dtype=torch.float64)
+        expected_sigma = eta * torch.sqrt(om_prev / one_minus[t] * (1 - ab[t] / ab_prev))
+        assert sigma == pytest.approx(expected_sigma.item(), rel=1e-12, abs=1e-15)
+        assert c_x0 == pytest.approx(ab_prev.sqrt().item(), rel=1e-12)
+        assert c_eps == pytest.approx(torch.sqrt((om_prev - expected_sigma ** 2).clamp(min=0)).item(), rel=1e-12,
+                                      abs=1e-15)
+    # ddim_step with and without precomputed coefficients is the same update
+    x, e, x0, z = torch.randn(4, 2, 1, 4, 4).unbind(0)
+    torch.testing.assert_close(ddim_step(d, x, 30, 20, e, x0, 0.7, z),
+                               ddim_step(d, x, 30, 20, e, x0, 0.7, z, coefficients=ddim_coefficients(d, 30, 20, 0.7)),
+                               rtol=0, atol=0)
+
+
+def test_ddim_step_runs_few_kernels(setup):
+    """The update itself: 2 multiplies and an add (+ 2 for the noise), no scalar kernels recomputing abar."""
+    _, d = setup
+    x, e, x0, z = torch.randn(4, 2, 1, 4, 4).unbind(0)
+    coefficients = ddim_coefficients(d, 30, 20, 0.0)
+    with _RecordOutputs() as rec:
+        ddim_step(d, x, 30, 20, e, x0, 0.0, coefficients=coefficients)
+    assert len(rec.seen) == 3
+    with _RecordOutputs() as rec:
+        ddim_step(d, x, 30, 20, e, x0, 1.0, z, coefficients=ddim_coefficients(d, 30, 20, 1.0))
+    assert len(rec.seen) == 5
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_trajectory_keeps_only_the_steps_asked_for_and_copies_once(setup, monkeypatch, sampler):
+    model, d = setup
+    run = (lambda **kw: ddpm_sample(model, d, (2, 1, 16, 16), progress=False, **kw)) if sampler == "ddpm" else \
+        (lambda **kw: ddim_sample(model, d, (2, 1, 16, 16), steps=10, progress=False, **kw))
+    x_full, full = run(return_trajectory=True, generator=torch.Generator().manual_seed(3))
+    n = len(full.timesteps) - 1  # steps in the chain
+    keep = [0, 1, n // 2, n - 1, n]
+    copies = []
+    original = torch.Tensor.cpu
+
+    def counting_cpu(self, *a, **k):
+        copies.append(tuple(self.shape))
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(torch.Tensor, "cpu", counting_cpu)
+    x, part = run(return_trajectory=True, trajectory_steps=keep, generator=torch.Generator().manual_seed(3))
+    monkeypatch.undo()
+    assert len(copies) == 2  # x_t and x0_pred, each stacked on the device and copied once
+    torch.testing.assert_close(x, x_full, rtol=0, atol=0)
+    assert part.steps == keep and part.x_t.shape == (5, 2, 1, 16, 16) and part.x_t.device.type == "cpu"
+    torch.testing.assert_close(part.x_t, full.x_t[keep], rtol=0, atol=0)
+    torch.testing.assert_close(part.x0_pred, full.x0_pred[keep], rtol=0, atol=0)
+    assert part.timesteps == [full.timesteps[i] for i in keep] and part.timesteps[-1] == -1
+    assert full.steps == list(range(n + 1))
+    with pytest.raises(ValueError, match="trajectory_steps"):
+        run(return_trajectory=True, trajectory_steps=[0, n + 1])
+
+
+def test_device_generator():
+    g = device_generator("cpu", 5)
+    assert g.device.type == "cpu" and g.initial_seed() == 5
+    assert torch.equal(torch.randn(3, generator=g), torch.randn(3, generator=torch.Generator().manual_seed(5)))
+    assert device_generator("meta", 1).device.type == "cpu"  # devices without generators use a CPU one

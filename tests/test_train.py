@@ -404,3 +404,101 @@ def test_progress_mode_follows_the_output(monkeypatch):
     assert progress_mode(True) == "bar"
     with pytest.raises(ValueError, match="progress"):
         progress_mode("loud")
+# ---- fast paths (issue 13) -------------------------------------------------------------------
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_leaves  # noqa: E402
+
+
+class _Ops(TorchDispatchMode):
+    """Calls `on_op(name, outputs)` for every aten op."""
+
+    def __init__(self, on_op):
+        super().__init__()
+        self.on_op = on_op
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.on_op(func.overloadpacket.__name__, [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)])
+        return out
+
+
+def test_step_loop_reads_the_device_only_at_log_intervals(tmp_path):
+    """`.item()`/`float()` of a tensor (aten._local_scalar_dense) waits for a GPU. None inside train_step,
+    and in the loop only at log rows (steps 3, 6) and at the end (8), which also evaluates and checkpoints."""
+    tr = _trainer(tmp_path, _cfg(**{"train.steps": 8, "train.log_every": 3, "train.eval_every": 0,
+                                    "train.sample_every": 0, "train.ckpt_every": 0}))
+    where, in_step = [], [False]
+    original = tr.train_step
+
+    def step(batches):
+        in_step[0] = True
+        try:
+            return original(batches)
+        finally:
+            in_step[0] = False
+
+    tr.train_step = step
+
+    def on_op(name, outs):
+        if name == "_local_scalar_dense":
+            where.append(("train_step" if in_step[0] else "loop", tr.step))
+
+    with _Ops(on_op):
+        tr.train(until=7)
+    assert [w for w in where if w[0] == "train_step"] == []
+    assert {s for _, s in where} == {3, 6, 7}  # log rows and the end of this call (a log row too)
+    assert [r["step"] for r in tr.history] == [3, 6, 7] and all(type(r["loss"]) is float for r in tr.history)
+
+
+def test_adamw_is_fused_on_the_cpu_and_cudnn_benchmark_on_cuda(tmp_path, monkeypatch):
+    tr = _trainer(tmp_path)
+    assert tr.optimizer.defaults["fused"] is True and tr._deferred_guard
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    train_mod._set_cudnn_benchmark(torch.device("cpu"))
+    assert torch.backends.cudnn.benchmark is False
+    train_mod._set_cudnn_benchmark(torch.device("cuda"))
+    assert torch.backends.cudnn.benchmark is True
+
+
+@pytest.mark.parametrize("weights,amp,native", [("both", "auto", "1"), ("ema", "auto", "0"), ("online", "off", "1")])
+def test_sample_grids_follow_the_config(tmp_path, monkeypatch, weights, amp, native):
+    monkeypatch.setenv("DDPM_NB_CPU_BF16", native)
+    cfg = _cfg(**{"train.sample_weights": weights, "train.sample_amp": amp, "train.sample_steps": 6,
+                  "train.preview_steps": 2, "train.steps": 4, "train.sample_every": 2})
+    tr = _trainer(tmp_path, cfg)
+    calls = []
+    original = tr.sample
+
+    def spy(*a, **kw):
+        calls.append((tr.step, kw["ema"], kw["steps"], kw["dtype"]))
+        return original(*a, **kw)
+
+    tr.sample = spy
+    tr.train()
+    dtype = torch.bfloat16 if (amp, native) == ("auto", "1") else None
+    emas = {"both": [False, True], "ema": [True], "online": [False]}[weights]
+    assert calls == [(2, e, 2, dtype) for e in emas] + [(4, e, 6, dtype) for e in emas]
+    assert len(list((tmp_path / "run" / "samples").glob("*.png"))) == 2 * len(emas)
+    with pytest.raises(ConfigError, match="sample_weights"):
+        _cfg(**{"train.sample_weights": "all"})
+    with pytest.raises(ConfigError, match="sample_amp"):
+        _cfg(**{"train.sample_amp": "bf16"})
+
+
+def test_trainer_sample_grid_puts_no_float64_on_the_device(tmp_path):
+    """MPS has no float64; the trainer's grid, with its weights moved to the 'meta' device, creates none there."""
+    tr = _trainer(tmp_path, _cfg(**{"unet.num_classes": 10, "data.class_cond": True}))
+    tr.device = torch.device("meta")
+    tr.ema.model.to("meta")
+    tr.raw_model.to("meta")
+    tr.diffusion.to("meta")
+    bad, devices = [], set()
+
+    def on_op(name, outs):
+        devices.update(t.device.type for t in outs)
+        bad.extend(name for t in outs if t.dtype == torch.float64 and t.device.type != "cpu")
+
+    with _Ops(on_op):
+        tr.sample(2, steps=3)
+        tr.sample(2, ema=False, method="ddpm")
+    assert "meta" in devices and bad == []
