@@ -182,6 +182,19 @@ def make_cases(device: torch.device, quick: bool):
                   "ms", before_block, lambda: timed(attn_block, device, it),
                   f"kernel: {kernel_before} -> {kernel_after}"))
 
+    xs = xb.detach()[:, :, :, :].repeat(4, 1, 1, 1)  # batch 32, as when sampling a grid
+
+    def attn_forward():
+        with torch.no_grad():
+            block(xs)
+
+    def before_forward():
+        with patched(AttentionBlock, "forward", before_attention_forward):
+            return timed(attn_forward, device, it)
+
+    cases.append(("1", f"AttentionBlock forward (no grad), {blk_cfg[0]} ch, {blk_cfg[1]}x{blk_cfg[1]}, batch 32",
+                  "ms", before_forward, lambda: timed(attn_forward, device, it), "as in sampling"))
+
     net = UNet(UNetConfig.quick()).to(device)
     xq = torch.rand(32, 1, 28, 28, device=device) * 2 - 1
     tq = torch.randint(0, 1000, (32,), device=device)
