@@ -54,6 +54,7 @@ def test_quick_train_ladder_writes_json_lines_and_a_table(tmp_path, capsys):
     for r in measured:
         assert r["images_per_s"] > 0 and r["step_ms"] > 0 and r["mfu"] is None  # no known peak on a CPU
     assert [r["attention"] for r in measured] == ["naive", "naive", "naive", "sdpa"]
+    assert [r["sdpa_kernel"] for r in measured] == [None, None, None, "flash (CPU)"]  # a fused kernel ran
     assert [r["amp"] for r in measured] == ["fp32", "bf16", "bf16", "bf16"]
     skipped = {r["setting"]: r["skipped"] for r in rows if r.get("skipped")}
     assert set(skipped) == {"compile", "cudagraphs"} and all(skipped.values())
