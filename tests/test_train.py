@@ -377,9 +377,9 @@ def test_unattended_log_has_one_line_per_interval_with_the_interval_mean(tmp_pat
                         logged[0]), logged[0]
     assert any(re.fullmatch(r"step +6/12 \| val loss \d\.\d{4} \(EMA weights \d\.\d{4}\)", l) for l in lines), lines
     assert any(l.startswith("step 12/12 | checkpoint ") and l.endswith(".pt") for l in lines), lines
-    means = [sum(o["loss"] for o in per_step[i:i + 4]) / 4 for i in (0, 4, 8)]
+    means = [sum(float(o["loss"]) for o in per_step[i:i + 4]) / 4 for i in (0, 4, 8)]
     assert [r["loss"] for r in tr.history] == pytest.approx(means, rel=1e-6)
-    assert tr.history[0]["loss"] != pytest.approx(per_step[3]["loss"], rel=1e-6), "not the last batch's loss"
+    assert tr.history[0]["loss"] != pytest.approx(float(per_step[3]["loss"]), rel=1e-6), "not the last batch's loss"
 
 
 def test_progress_mode_follows_the_output(monkeypatch):
