@@ -104,6 +104,17 @@ def _device(name: str | None):
                           "Use cpu, cuda, cuda:N or mps (whichever this machine has).") from None
 
 
+def _warn_if_busy(device) -> None:
+    """One line on stderr when the CPU this command computes on is busy and fewer threads would help
+    (`utils.busy_cpu_warning`); called once the input has checked out, just before the work starts."""
+    import torch
+
+    from .utils import busy_cpu_warning
+    warning = busy_cpu_warning(torch.get_num_threads(), device)
+    if warning:
+        print(warning, file=sys.stderr)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import Trainer
 
@@ -118,6 +129,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     trainer = Trainer(cfg, device=args.device, resume=args.resume, progress="lines" if args.no_progress else True)
     if trainer.is_main:
+        _warn_if_busy(trainer.device)
         print(trainer.summary(), file=sys.stderr)
         if trainer.step:
             print(f"resumed at step {trainer.step} from {trainer.last_checkpoint}", file=sys.stderr)
@@ -242,6 +254,7 @@ def _load_for_sampling(args):
         kw["spacing"] = args.spacing
     else:
         kw.pop("steps"), kw.pop("eta")
+    _warn_if_busy(next(model.parameters()).device)
     return model, diffusion, cfg, kw
 
 
@@ -416,15 +429,6 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _compute_device_type(device: str | None):
-    """The device type a command will compute on, as far as threads matter: "cpu" or "cuda" (any accelerator)."""
-    from .utils import pick_device
-    try:
-        return "cpu" if pick_device(device).type == "cpu" else "cuda"
-    except (RuntimeError, ValueError):
-        return "cpu"
-
-
 def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .data import DatasetNotFoundError
@@ -435,14 +439,11 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     try:
         if hasattr(args, "threads"):
-            from .utils import busy_cpu_warning, set_threads
+            from .utils import set_threads
             try:
-                threads = set_threads(args.threads)
+                set_threads(args.threads)
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
-            warning = busy_cpu_warning(threads, _compute_device_type(getattr(args, "device", None)))
-            if warning:
-                print(warning, file=sys.stderr)
         return args.func(args)
     except (ConfigError, CheckpointError, DatasetNotFoundError, TrainingDivergedError, FileExistsError,
             PermissionError, DiskFullError, ValueError) as exc:

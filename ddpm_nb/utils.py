@@ -76,8 +76,9 @@ def set_threads(n: int | str | None = None) -> int:
 
 
 def busy_cpu_warning(threads: int | None = None, device=None) -> str | None:
-    """One line of warning when torch will compute on a CPU that other processes already keep busy
-    (1-minute load average + our threads > cores), else None. Suggests a thread count that fits."""
+    """One line of warning when torch will compute with several threads on a CPU that other processes
+    already keep busy (1-minute load average + our threads > cores) and fewer threads would fit, else
+    None. Suggests the thread count that fits."""
     if device is not None and torch.device(device).type != "cpu" or not hasattr(os, "getloadavg"):
         return None
     try:
@@ -89,9 +90,11 @@ def busy_cpu_warning(threads: int | None = None, device=None) -> str | None:
     if load + threads <= cores + 0.5:
         return None
     fit = max(1, cores - round(load))
-    advice = f"--threads {fit} (or DDPM_NB_THREADS={fit})" if fit < threads else "expect it to run slower"
-    return (f"warning: the CPU is busy (load {load:.1f} on {cores} cores) and torch uses {threads} thread(s); "
-            f"threads waiting for a busy core can make a run several times slower: {advice}")
+    if fit >= threads:  # nothing to gain from fewer threads
+        return None
+    return (f"warning: the CPU is busy (load {load:.1f} on {cores} cores) and torch uses {threads} threads; "
+            f"threads waiting for a busy core can make a run several times slower: use --threads {fit} "
+            f"(or DDPM_NB_THREADS={fit})")
 
 
 def seed_everything(seed: int) -> torch.Generator:

@@ -311,27 +311,33 @@ def test_sampling_commands_take_run_names(tmp_path, monkeypatch, capsys):
     assert err.startswith("error: ") and "no run named 'nope'" in err and "fm32" in err
     assert main(["sample", "fashion-quick-cond", "--num", "2", "--steps", "2", "--no-progress", "--device", "cpu"]) == 0
     assert len(list((tmp_path / "results" / "fashion-quick-cond" / "samples_cli" / "images").glob("*.png"))) == 2
-def test_busy_cpu_warning(monkeypatch, capsys):
-    """One line when the load average plus our threads exceed the cores; nothing on an idle machine or a GPU."""
+def test_busy_cpu_warning(monkeypatch, capsys, tmp_path):
+    """One line when the load average plus our threads exceed the cores and fewer threads would fit;
+    nothing on an idle machine, with one thread, or on a GPU."""
     from ddpm_nb import utils
 
     monkeypatch.setattr(utils.os, "cpu_count", lambda: 2)
     monkeypatch.setattr(utils.os, "getloadavg", lambda: (1.2, 1.0, 1.0))
     msg = utils.busy_cpu_warning(2, "cpu")
-    assert msg.startswith("warning: the CPU is busy (load 1.2 on 2 cores)") and "--threads 1" in msg
+    assert msg.startswith("warning: the CPU is busy (load 1.2 on 2 cores)") and msg.endswith("--threads 1 "
+                                                                                              "(or DDPM_NB_THREADS=1)")
     assert "\n" not in msg
-    monkeypatch.setattr(utils.os, "getloadavg", lambda: (1.8, 1.0, 1.0))
-    assert "slower" in utils.busy_cpu_warning(1, "cpu") and "--threads" not in utils.busy_cpu_warning(1, "cpu")
+    assert utils.busy_cpu_warning(1, "cpu") is None  # one thread: nothing to gain
     assert utils.busy_cpu_warning(2, "cuda") is None
     monkeypatch.setattr(utils.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
     assert utils.busy_cpu_warning(2, "cpu") is None
-    # the command line prints it once, before its work (here: an error about the missing checkpoint)
+    # the command line prints it once its input checked out, before the work; errors stay one line
     monkeypatch.setattr(utils.os, "getloadavg", lambda: (3.0, 3.0, 3.0))
     threads = torch.get_num_threads()
     try:
         assert main(["sample", "no-such-run.pt", "--threads", "2", "--device", "cpu"]) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith("error:")
+        assert main(["sample", "fashion-quick-cond", "--num", "1", "--steps", "2", "--threads", "2", "--device", "cpu",
+                     "--no-progress", "--out", str(tmp_path)]) == 0
     finally:
         torch.set_num_threads(threads)
     err = capsys.readouterr().err.splitlines()
-    assert err[0].startswith("warning: the CPU is busy (load 3.0 on 2 cores) and torch uses 2 thread(s)")
-    assert err[1].startswith("error:")
+    assert err[0] == ("warning: the CPU is busy (load 3.0 on 2 cores) and torch uses 2 threads; threads waiting for "
+                      "a busy core can make a run several times slower: use --threads 1 (or DDPM_NB_THREADS=1)")
+    assert not any(line.startswith("warning: the CPU") for line in err[1:])
