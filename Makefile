@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
-	$(BIN)/python -m pip install -q -e ".[dev,inception]"
+	$(BIN)/python -m pip install -q -e ".[dev,inception,diffusers]"
 	touch $@
 
 install: $(VENV)/.installed

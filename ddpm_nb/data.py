@@ -57,6 +57,7 @@ __all__ = [
     "default_num_workers",
     "real_images",
     "cache_dir",
+    "flowers_on_disk",
 ]
 
 SPLITS = ("train", "test", "val", "all")
@@ -541,6 +542,13 @@ def _flowers_dirs(root: Path) -> list[Path]:
 
 def _flowers_ok(d: Path) -> bool:
     return (d / "setid.mat").is_file() and (d / "imagelabels.mat").is_file() and (d / "jpg").is_dir()
+
+
+def flowers_on_disk(cfg: DataConfig | None = None) -> bool:
+    """True when Flowers102's files are already on disk (nothing to download), where `cfg` would look
+    (`cfg.root`, `$DDPM_NB_DATA`, the data folder, the cache). Notebooks 01 and 03 use it to pick the real
+    flowers when they are there and FashionMNIST elsewhere."""
+    return any(_flowers_ok(d) for d in _flowers_dirs(_root(cfg or DataConfig(dataset="flowers102"))))
 
 
 def _flowers102(root: Path, split: str, transform: ImageTransform) -> ImageFiles:

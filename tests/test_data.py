@@ -585,3 +585,15 @@ def test_numpy_value_range_for_16_bit_integers(tmp_path):
         data.load_dataset(cfg, 8)
     ds = data.load_dataset(cfg.replace(value_range=[0, 65535]), 8)
     torch.testing.assert_close(ds[0][0], torch.ones(1, 8, 8))
+def test_flowers_on_disk_finds_the_files_without_downloading(tmp_path, monkeypatch):
+    monkeypatch.setenv("DDPM_NB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert not data.flowers_on_disk(DataConfig(dataset="flowers102", root=str(tmp_path)))
+    folder = tmp_path / "flowers" / "flowers-102"          # the course's layout
+    (folder / "jpg").mkdir(parents=True)
+    (folder / "setid.mat").write_bytes(b"")
+    assert not data.flowers_on_disk(DataConfig(dataset="flowers102", root=str(tmp_path)))   # labels missing
+    (folder / "imagelabels.mat").write_bytes(b"")
+    assert data.flowers_on_disk(DataConfig(dataset="flowers102", root=str(tmp_path)))
+    monkeypatch.setenv("DDPM_NB_DATA", str(tmp_path))
+    assert data.flowers_on_disk()
