@@ -161,7 +161,10 @@ def resolve_checkpoint(value: str) -> tuple[Path, Path]:
         run = path if path.is_dir() else path.parent.parent if path.parent.name == "checkpoints" else path.parent
         return path, run
     named = results_dir(value, create=False) if value and not path.is_absolute() else None
-    if named is not None and named.is_dir():
+    # a run folder counts when it holds a checkpoint: `sample <shipped model>` leaves results/<name>/
+    # with only outputs in it, and the next command with that name must still find the shipped model
+    if named is not None and ((named / "checkpoints" / "latest.pt").is_file() or (named / "latest.pt").is_file()
+                              or (named.is_dir() and value not in PRETRAINED)):
         return named, named
     if value in PRETRAINED:
         return pretrained_path(value), results_dir(value, create=False)

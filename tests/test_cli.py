@@ -341,3 +341,20 @@ def test_busy_cpu_warning(monkeypatch, capsys, tmp_path):
     assert err[0] == ("warning: the CPU is busy (load 3.0 on 2 cores) and torch uses 2 threads; threads waiting for "
                       "a busy core can make a run several times slower: use --threads 1 (or DDPM_NB_THREADS=1)")
     assert not any(line.startswith("warning: the CPU") for line in err[1:])
+
+def test_a_shipped_name_still_resolves_after_its_outputs_folder_exists(tmp_path, monkeypatch):
+    """`sample fashion-quick-cond` writes results/fashion-quick-cond/ (no checkpoint in it); `animate
+    fashion-quick-cond` afterwards must load the shipped model, not fail on that folder."""
+    from ddpm_nb.__main__ import resolve_checkpoint
+    from ddpm_nb.shipped import pretrained_path
+
+    monkeypatch.setenv("DDPM_NB_RESULTS", str(tmp_path))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    (tmp_path / "fashion-quick-cond" / "samples_cli").mkdir(parents=True)
+    assert resolve_checkpoint("fashion-quick-cond") == (pretrained_path("fashion-quick-cond"),
+                                                        tmp_path / "fashion-quick-cond")
+    run = tmp_path / "myrun"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "latest.pt").write_bytes(b"x")
+    assert resolve_checkpoint("myrun") == (run, run)

@@ -1,0 +1,51 @@
+"""The models shipped inside the package: each loads by name, matches its JSON record, and samples."""
+import json
+
+import pytest
+import torch
+
+import ddpm_nb
+from ddpm_nb.shipped import ASSETS, PRETRAINED, pretrained_info, pretrained_path
+from ddpm_nb.train import CheckpointError
+
+EXPECTED = {  # name -> (dataset, image size, channels, classes)
+    "fashion-quick-cond": ("fashion-mnist", 28, 1, 10),
+    "flowers-cpu-cond": ("flowers102", 32, 3, 102),
+}
+
+
+def test_every_expected_model_is_registered_and_present():
+    assert set(EXPECTED) <= set(PRETRAINED)
+    for name in PRETRAINED:
+        path = pretrained_path(name)
+        assert path.parent == ASSETS and path.stat().st_size <= 10e6  # <= 10 MB each (the wheel stays lean)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_shipped_model_loads_matches_its_record_and_samples(name):
+    dataset, size, channels, classes = EXPECTED[name]
+    model, diffusion, cfg = ddpm_nb.pretrained(name, device="cpu")
+    assert (cfg.data.dataset, cfg.unet.image_size, cfg.unet.in_channels, cfg.unet.num_classes) == \
+           (dataset, size, channels, classes)
+    assert not model.training and all(p.device.type == "cpu" for p in model.parameters())
+    info = pretrained_info(name)
+    for key in ("trained_with", "steps", "batch_size", "device", "date", "final_val_loss_ema"):
+        assert info.get(key) not in (None, ""), key
+    assert info["file"] == pretrained_path(name).name
+    from ddpm_nb.sample import sample
+
+    y = torch.arange(4) % classes
+    x = sample(model, diffusion, 4, method="ddim", steps=3, y=y, generator=torch.Generator().manual_seed(0),
+               progress=False)
+    assert x.shape == (4, channels, size, size) and torch.isfinite(x).all() and x.abs().max() <= 1.0
+
+
+def test_unknown_shipped_name_lists_the_available_ones():
+    with pytest.raises(CheckpointError, match="available: fashion-quick-cond, flowers-cpu-cond"):
+        ddpm_nb.pretrained("flowers-huge")
+
+
+def test_json_records_are_valid_json_beside_each_file():
+    for name in PRETRAINED:
+        record = json.loads(pretrained_path(name).with_suffix(".json").read_text())
+        assert record["load_with"] == f'ddpm_nb.pretrained("{name}")'
