@@ -145,6 +145,7 @@ def test_nan_guard_names_a_checkpoint_from_before_the_blow_up(tmp_path):
         tr.raw_model.conv_out.bias.fill_(float("nan"))
     with pytest.raises(TrainingDivergedError, match=r"Last good checkpoint: .*step_0000004\.pt"):
         tr.train_step(tr._batches())
+        tr.check_finite()  # the guard is read on the device at the next log row (issue 13); here, at once
     state = load_checkpoint(good)
     assert all(torch.isfinite(v).all() and v.abs().max() < 1e3 for v in state["model"].values()
                if v.is_floating_point())
