@@ -10,6 +10,7 @@ scored against A; B against A is the floor (what two real sets of this size scor
 through the classes (class-conditional models, guidance scale 1), DDIM with eta = 0 from fixed seeds.
 Features: InceptionFeatures() (the TF FID graph; needs `pip install "ddpm_nb[inception]"`).
 The sweep scores --sweep-num samples per step count against the first --sweep-num images of A.
+Features are cached beside --out (real_*.npy, fake_*.npy; gitignored), so a killed run continues.
 """
 from __future__ import annotations
 
@@ -103,12 +104,18 @@ def main(argv=None) -> None:
     runs = [(50, args.num)] + [(int(s), args.sweep_num) for s in args.sweep.split(",") if s and int(s) != 50]
     for steps, n in runs:
         t0 = time.perf_counter()
+        fake_file = cache.with_name(f"fake_{args.model}_ddim{steps}_{n}.npy")
         if steps in early and n == args.num:
             fake = early.pop(steps)
             t0 -= early_seconds
+        elif fake_file.is_file():  # features of an earlier (possibly killed) run with the same seeds
+            fake = np.load(fake_file)
+            print(f"reusing {fake_file}", flush=True)
         else:
             fake = metrics.compute_features(extractor, sampler(model, diffusion, cfg, steps, seed=1, batch=args.batch),
                                             args.batch, num_samples=n, progress=False)
+            np.save(fake_file.with_name(fake_file.stem + ".tmp.npy"), fake)
+            os.replace(fake_file.with_name(fake_file.stem + ".tmp.npy"), fake_file)
         ref = a[:n]
         rows.append(dict(base, what=f"DDIM-{steps}", steps=steps, eta=0.0, n=n, **score(ref, fake),
                          seconds=time.perf_counter() - t0))
