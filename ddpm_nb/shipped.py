@@ -5,14 +5,15 @@ without training first, from a clone, a wheel or Colab alike.
 
 Each model is an exported checkpoint (EMA weights + its RunConfig) in `ddpm_nb/assets/`, with a
 JSON beside it that records how it was trained (command, steps, wall time, device, quality).
-Used in notebooks/04_sampling and 05_animations.
+Used in notebooks/04_sampling to 08_diffusers, through `lesson_model(DATASET)`.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-__all__ = ["PRETRAINED", "pretrained", "pretrained_path", "pretrained_info"]
+__all__ = ["PRETRAINED", "LESSON_MODELS", "pretrained", "pretrained_path", "pretrained_info", "lesson_model",
+           "class_name"]
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 
@@ -23,6 +24,8 @@ PRETRAINED: dict[str, tuple[str, str]] = {
     "flowers-cpu-cond": ("flowers_cpu_cond.pt",
                          "Oxford Flowers102, 32 px RGB, class-conditional (102 + null), 2.3M parameters"),
 }
+# a lesson's DATASET parameter -> the shipped model it samples from
+LESSON_MODELS = {"fashion-mnist": "fashion-quick-cond", "flowers": "flowers-cpu-cond"}
 
 
 def pretrained_path(name: str) -> Path:
@@ -49,3 +52,44 @@ def pretrained(name: str, *, device=None, ema: bool = True):
     from .train import load_model
 
     return load_model(pretrained_path(name), ema=ema, device=device)
+
+
+def lesson_model(dataset: str, *, device=None, tiny: bool = False, fallback_dir=None):
+    """(model, diffusion, RunConfig) of the shipped model for a lesson's DATASET ("fashion-mnist" or "flowers").
+
+    Explained in notebooks/04_sampling. When the model file is missing (a trimmed install) and `tiny`
+    is true, a tiny class-conditional model (preset 'tiny': 16 px, T = 50, 30 steps) is trained in
+    `fallback_dir` instead, so that every cell of a lesson still runs in CI; its samples are blobs.
+    A second call reuses that finished run. Without `tiny`, the error says how to get the model back.
+    """
+    from .train import CheckpointError
+
+    if dataset not in LESSON_MODELS:
+        raise ValueError(f"DATASET must be one of {sorted(LESSON_MODELS)}, got {dataset!r}")
+    name = LESSON_MODELS[dataset]
+    try:
+        return pretrained(name, device=device)
+    except CheckpointError:
+        if not tiny or fallback_dir is None:
+            raise
+    from .config import preset
+    from .train import Trainer
+
+    print(f"The shipped model {name!r} is missing, so TINY mode trains a tiny class-conditional model (preset 'tiny': "
+          "16 px, T = 50, 30 steps) right here, so that every cell runs. Its samples are blobs.")
+    data = {"fashion-mnist": {"data.dataset": "fashion-mnist", "unet.num_classes": 10},
+            "flowers": {"data.dataset": "flowers102", "unet.num_classes": 102, "unet.in_channels": 3}}[dataset]
+    cfg = preset("tiny").override({"name": f"fallback-tiny-{dataset}", "data.class_cond": True, **data})
+    trainer = Trainer(cfg, run_dir=Path(fallback_dir) / cfg.name, device=device, resume=True)
+    trainer.train()                       # resume=True: a second call reuses the finished model
+    trainer.close()
+    return trainer.ema.model.eval(), trainer.diffusion, cfg
+
+
+def class_name(dataset: str, c) -> str:
+    """A readable name for label c: FashionMNIST's class names; Flowers102's classes by number."""
+    if dataset == "fashion-mnist":
+        from .metrics import FASHION_MNIST_CLASSES
+
+        return FASHION_MNIST_CLASSES[int(c)]
+    return f"flower class {int(c)}"

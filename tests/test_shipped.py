@@ -49,3 +49,25 @@ def test_json_records_are_valid_json_beside_each_file():
     for name in PRETRAINED:
         record = json.loads(pretrained_path(name).with_suffix(".json").read_text())
         assert record["load_with"] == f'ddpm_nb.pretrained("{name}")'
+
+
+def test_lesson_model_maps_datasets_and_falls_back_only_in_tiny_mode(tmp_path, monkeypatch, capsys):
+    from ddpm_nb import shipped
+
+    model, diffusion, cfg = shipped.lesson_model("flowers", device="cpu")
+    assert (cfg.unet.in_channels, cfg.unet.num_classes) == (3, 102)
+    with pytest.raises(ValueError, match=r"DATASET must be one of \['fashion-mnist', 'flowers'\], got 'cifar'"):
+        shipped.lesson_model("cifar")
+    monkeypatch.setattr(shipped, "ASSETS", tmp_path / "trimmed")              # an install without the model files
+    with pytest.raises(CheckpointError, match="is missing from this installation"):
+        shipped.lesson_model("fashion-mnist", device="cpu")
+    import ddpm_nb.config
+
+    tiny = ddpm_nb.config.preset
+    monkeypatch.setattr(ddpm_nb.config, "preset", lambda name: tiny(name).override(      # 3 steps, not 30: seconds
+        {"train.steps": 3, "train.sample_every": 3, "train.eval_every": 3, "train.ckpt_every": 3}))
+    model, diffusion, cfg = shipped.lesson_model("fashion-mnist", device="cpu", tiny=True, fallback_dir=tmp_path)
+    assert "TINY mode trains a tiny class-conditional model" in capsys.readouterr().out
+    assert (cfg.unet.num_classes, cfg.unet.in_channels, cfg.data.class_cond) == (10, 1, True)
+    assert not model.training and (tmp_path / "fallback-tiny-fashion-mnist" / "checkpoints").is_dir()
+    assert shipped.class_name("fashion-mnist", 9) == "Ankle boot" and shipped.class_name("flowers", 7) == "flower class 7"
