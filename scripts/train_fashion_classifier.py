@@ -4,7 +4,7 @@
     python scripts/train_fashion_classifier.py --epochs 5 --out /tmp/clf.pt
 
 Reads the four FashionMNIST .gz files with NumPy (no torchvision, no download) from --data,
-else $DDPM_NB_DATA, else ../shared/data next to the repository, else the repository's data/
+else $DDPM_NB_DATA, else the repository's data/
 (each either the folder that holds the .gz files or one with FashionMNIST/raw/ inside).
 Prints the test accuracy after every epoch and writes, atomically,
   ddpm_nb/assets/fashion_mnist_classifier.pt    a state_dict (load with weights_only=True)
@@ -47,7 +47,7 @@ def find_raw_dir(explicit: str | None) -> Path:
         candidates.append(Path(explicit))
     if os.environ.get("DDPM_NB_DATA"):
         candidates.append(Path(os.environ["DDPM_NB_DATA"]))
-    candidates += [repo_root().parent / "shared" / "data", repo_root() / "data"]
+    candidates.append(repo_root() / "data")
     for base in candidates:
         base = base.expanduser()
         for folder in (base, base / "FashionMNIST" / "raw", base / "raw"):

@@ -71,3 +71,32 @@ def test_lesson_model_maps_datasets_and_falls_back_only_in_tiny_mode(tmp_path, m
     assert (cfg.unet.num_classes, cfg.unet.in_channels, cfg.data.class_cond) == (10, 1, True)
     assert not model.training and (tmp_path / "fallback-tiny-fashion-mnist" / "checkpoints").is_dir()
     assert shipped.class_name("fashion-mnist", 9) == "Ankle boot" and shipped.class_name("flowers", 7) == "flower class 7"
+
+
+def test_fid_table_record_writes_the_newest_rows_into_the_models_json(tmp_path, monkeypatch):
+    import shutil
+
+    from benchmarks import fid_table
+    from ddpm_nb import shipped
+
+    name = "flowers-cpu-cond"
+    assets = tmp_path / "assets"
+    assets.mkdir()
+    (assets / PRETRAINED[name][0]).write_bytes(b"weights")
+    shutil.copy(ASSETS / PRETRAINED[name][0].replace(".pt", ".json"), assets)
+    monkeypatch.setattr(shipped, "ASSETS", assets)
+    base = dict(model=name, split="all", kid_mean=0.05, kid_std=0.002, kid_subset=1000)
+    rows = [dict(base, what="DDIM-50", n=2000, fid=99.0, steps=50, eta=0.0),
+            dict(base, what="real vs real (floor)", n=2000, fid=17.0),
+            dict(base, model="fashion-quick-cond", what="DDIM-50", n=2000, fid=30.0),   # another model: left out
+            dict(base, what="DDIM-50", n=2000, fid=98.8, steps=50, eta=0.0)]           # newer: replaces the first
+    rows_file = tmp_path / "rows.jsonl"
+    rows_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fid_table.main([name, "--record", "--out", str(rows_file)])
+    info = json.loads((assets / "flowers_cpu_cond.json").read_text())
+    got = {(r["what"], r["n"]): r["fid"] for r in info["quality"]["rows"]}
+    assert got == {("DDIM-50", 2000): 98.8, ("real vs real (floor)", 2000): 17.0}
+    assert info["steps"] == 5000 and "--record" not in info["quality"]["measured_with"]
+    with pytest.raises(SystemExit, match="no rows for 'fashion-quick-cond'"):
+        rows_file.write_text(json.dumps(rows[0]) + "\n")
+        fid_table.main(["fashion-quick-cond", "--record", "--out", str(rows_file)])
