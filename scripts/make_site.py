@@ -1,0 +1,246 @@
+"""Render every lesson at full size into site/: an HTML copy of the course to read without running it.
+
+    make site                                   # the stale or missing pages (all of them on a first run)
+    python scripts/make_site.py --all           # every page again
+    python scripts/make_site.py 04_sampling     # one lesson (every page of it)
+
+Each lesson runs top to bottom in a fresh kernel, at full size (DDPM_NB_TINY is removed from the
+environment), on the CPU unless a GPU is there, with the shipped models. Lessons 04 and 05 are
+rendered twice, once per shipped model (DATASET = "fashion-mnist" and "flowers"): a cell tagged
+`injected-parameters` after the `parameters` cell sets DATASET, as papermill does. Figures and
+GIFs are embedded in the page (base64; figures as lossless WebP, a third smaller than PNG), so each
+page is one self-contained file, except for the notebook stylesheet, which is shared: site/notebook.css.
+
+site/manifest.json records, per page, the SHA-256 of the lesson's cell sources (cell types and
+sources, in order; not outputs or metadata), the wall time, the page size and the machine.
+tests/test_site.py fails when a lesson's cells changed since its page was rendered: re-run
+`make site`. Budget (the repository must stay small enough to travel to a GPU machine): each page
+<= 2 MB, all of site/ <= 10 MB; a page over budget is not written and the run exits with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import html
+import json
+import os
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ROOT / "notebooks"
+SITE = ROOT / "site"
+PAGE_LIMIT = 2_000_000     # bytes per page
+SITE_LIMIT = 10_000_000    # bytes for all of site/
+# page name -> (lesson file stem, parameters injected after its `parameters` cell)
+VARIANTS = {"04_sampling": {"DATASET": "flowers"}, "05_animations": {"DATASET": "flowers"}}
+
+
+def lessons() -> list[Path]:
+    """The course's notebooks in order (the private _scratch* ones excluded)."""
+    return sorted(p for p in NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+
+
+def pages() -> dict[str, tuple[Path, dict]]:
+    """Every page of the site: name -> (notebook, injected parameters)."""
+    out = {}
+    for nb in lessons():
+        out[nb.stem] = (nb, {})
+        if nb.stem in VARIANTS:
+            params = VARIANTS[nb.stem]
+            out[nb.stem + "-" + "-".join(str(v) for v in params.values())] = (nb, params)
+    return out
+
+
+def source_hash(notebook: Path) -> str:
+    """SHA-256 of a notebook's cell types and sources, in order (outputs and metadata ignored)."""
+    cells = json.loads(notebook.read_text())["cells"]
+    h = hashlib.sha256()
+    for c in cells:
+        src = c["source"] if isinstance(c["source"], str) else "".join(c["source"])
+        h.update(c["cell_type"].encode() + b"\0" + src.encode() + b"\0")
+    return h.hexdigest()
+
+
+def read_manifest() -> dict:
+    path = SITE / "manifest.json"
+    return json.loads(path.read_text()) if path.is_file() else {"pages": {}}
+
+
+def stale_pages(manifest: dict | None = None) -> list[str]:
+    """Pages whose lesson changed since they were rendered, or that were never rendered."""
+    manifest = read_manifest() if manifest is None else manifest
+    rendered = manifest.get("pages", {})
+    return [name for name, (nb, _) in pages().items()
+            if name not in rendered or rendered[name]["source_sha256"] != source_hash(nb)
+            or not (SITE / f"{name}.html").is_file()]
+
+
+def _atomic_write(path: Path, data: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(data)
+    os.replace(tmp, path)
+
+
+def execute(notebook: Path, params: dict, timeout: int):
+    """Run a lesson in a fresh kernel at full size; returns the executed notebook node."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(notebook, as_version=4)
+    if params:
+        at = next((i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])), None)
+        if at is None:
+            raise SystemExit(f"error: {notebook.name} has no cell tagged 'parameters' to inject {params} after")
+        src = "# Parameters injected by scripts/make_site.py for this page\n" + \
+              "\n".join(f"{k} = {v!r}" for k, v in params.items())
+        cell = nbformat.v4.new_code_cell(src, metadata={"tags": ["injected-parameters"]})
+        nb.cells.insert(at + 1, cell)
+    env_tiny = os.environ.pop("DDPM_NB_TINY", None)
+    try:
+        NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                       resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    finally:
+        if env_tiny is not None:
+            os.environ["DDPM_NB_TINY"] = env_tiny
+    return nb
+
+
+_STYLE = re.compile(r"<style[^>]*>.*?</style>\s*", flags=re.S)
+_PNG = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=\s]+)"')
+
+
+def shrink_images(page: str) -> str:
+    """Re-encode every embedded PNG as lossless WebP where that is smaller (same pixels; matplotlib's
+    figures come out about a third smaller). Every current browser shows WebP."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    def webp(m):
+        raw = base64.b64decode(m.group(1))
+        out = io.BytesIO()
+        Image.open(io.BytesIO(raw)).save(out, "WEBP", lossless=True, method=6)
+        if out.tell() >= len(raw):
+            return m.group(0)
+        return 'src="data:image/webp;base64,' + base64.b64encode(out.getvalue()).decode() + '"'
+
+    return _PNG.sub(webp, page)
+
+
+def to_html(nb, title: str, note: str) -> tuple[str, str]:
+    """(page, stylesheet): the lab template's page with its <style> blocks moved into one shared file."""
+    from nbconvert import HTMLExporter
+
+    body, _ = HTMLExporter(template_name="lab").from_notebook_node(nb, resources={"metadata": {"name": title}})
+    css = "\n".join(m.group(0).split(">", 1)[1].rsplit("</style>", 1)[0] for m in _STYLE.finditer(body))
+    body = _STYLE.sub("", body, count=0)
+    banner = (f'<div style="font:14px sans-serif;padding:8px 16px;background:#f3f6fa;border-bottom:1px solid #d0d7de">'
+              f'<a href="index.html">ddpm_nb course</a> · {html.escape(note)}</div>')
+    body = body.replace("</head>", '<link rel="stylesheet" href="notebook.css">\n</head>', 1)
+    body = re.sub(r"(<body[^>]*>)", lambda m: m.group(1) + banner, body, count=1)
+    return shrink_images(body), css
+
+
+def write_index(manifest: dict) -> None:
+    rows = []
+    for name, (nb, params) in pages().items():
+        info = manifest["pages"].get(name)
+        if info is None:
+            continue
+        what = f" ({', '.join(f'{k} = {v!r}' for k, v in params.items())})" if params else ""
+        rows.append(f'<li><a href="{name}.html">{html.escape(nb.stem)}</a>{html.escape(what)}: ran in '
+                    f'{info["seconds"]:.0f} s, {info["bytes"] / 1e6:.2f} MB</li>')
+    m = manifest.get("machine", {})
+    page = f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>ddpm_nb: the course, rendered</title></head>
+<body style="font:16px/1.5 sans-serif;max-width:760px;margin:40px auto;padding:0 16px">
+<h1>ddpm_nb: Denoising Diffusion Probabilistic Models, the course</h1>
+<p>Every lesson executed top to bottom at full size with the shipped models, so the figures, tables
+and GIFs below are real outputs. To run them yourself, open <code>notebooks/</code> in JupyterLab or
+Colab (see the README). Rendered with <code>make site</code> on {html.escape(m.get('device', '?'))},
+torch {html.escape(m.get('torch', '?'))}.</p>
+<ol>
+{chr(10).join(rows)}
+</ol>
+</body></html>
+"""
+    _atomic_write(SITE / "index.html", page)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("only", nargs="*", help="lesson names (e.g. 04_sampling); default: every stale page")
+    p.add_argument("--all", action="store_true", help="render every page, stale or not")
+    p.add_argument("--timeout", type=int, default=3600, help="seconds one cell may run")
+    p.add_argument("--shrink-only", action="store_true",
+                   help="run nothing: re-encode the figures of the pages already in site/ (see shrink_images)")
+    args = p.parse_args(argv)
+    if args.shrink_only:
+        manifest = read_manifest()
+        for name, info in manifest["pages"].items():
+            page = shrink_images((SITE / f"{name}.html").read_text())
+            _atomic_write(SITE / f"{name}.html", page)
+            info["bytes"] = len(page.encode())
+        _atomic_write(SITE / "manifest.json", json.dumps(manifest, indent=1) + "\n")
+        write_index(manifest)
+        print("\n".join(f"{n}: {i['bytes'] / 1e6:.2f} MB" for n, i in manifest["pages"].items()))
+        return 0
+    import torch
+
+    every = pages()
+    unknown = [o for o in args.only if o not in every and not any(nb.stem == o for nb, _ in every.values())]
+    if unknown:
+        print(f"error: no lesson named {', '.join(unknown)}; the pages are: {', '.join(every)}", file=sys.stderr)
+        return 2
+    manifest = read_manifest()
+    if args.only:
+        todo = [n for n, (nb, _) in every.items() if n in args.only or nb.stem in args.only]
+    else:
+        todo = list(every) if args.all else stale_pages(manifest)
+    if not todo:
+        print("site/ is up to date (every page matches its lesson's cells)")
+        return 0
+    SITE.mkdir(exist_ok=True)
+    device = "cuda" if torch.cuda.is_available() else f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+    manifest["machine"] = {"device": device, "torch": torch.__version__, "python": platform.python_version()}
+    status = 0
+    for name in todo:
+        nb_path, params = every[name]
+        print(f"{name}: running {nb_path.name} at full size{f' with {params}' if params else ''} ...", flush=True)
+        t0 = time.perf_counter()
+        nb = execute(nb_path, params, args.timeout)
+        seconds = time.perf_counter() - t0
+        note = (f"{nb_path.name}{' with ' + ', '.join(f'{k} = {v!r}' for k, v in params.items()) if params else ''}, "
+                f"executed at full size in {seconds:.0f} s on {device}, {time.strftime('%Y-%m-%d')}")
+        page, css = to_html(nb, name, note)
+        size = len(page.encode())
+        if size > PAGE_LIMIT:
+            print(f"error: {name}.html would be {size / 1e6:.2f} MB, over the {PAGE_LIMIT / 1e6:.0f} MB a page may "
+                  f"take: make its figures or GIFs smaller; the page was not written", file=sys.stderr)
+            status = 2
+            continue
+        _atomic_write(SITE / "notebook.css", css)
+        _atomic_write(SITE / f"{name}.html", page)
+        manifest["pages"][name] = {"notebook": f"notebooks/{nb_path.name}", "params": params,
+                                   "source_sha256": source_hash(nb_path), "seconds": round(seconds, 1),
+                                   "bytes": size, "date": time.strftime("%Y-%m-%d")}
+        manifest["pages"] = {n: manifest["pages"][n] for n in every if n in manifest["pages"]}
+        _atomic_write(SITE / "manifest.json", json.dumps(manifest, indent=1) + "\n")
+        write_index(manifest)
+        print(f"{name}: {seconds:.0f} s, {size / 1e6:.2f} MB -> site/{name}.html", flush=True)
+    total = sum(f.stat().st_size for f in SITE.iterdir() if f.is_file())
+    print(f"site/: {total / 1e6:.2f} MB in all (budget {SITE_LIMIT / 1e6:.0f} MB)")
+    if total > SITE_LIMIT:
+        print(f"error: site/ is {total / 1e6:.2f} MB, over its {SITE_LIMIT / 1e6:.0f} MB budget: shrink the largest "
+              f"pages' figures or GIFs", file=sys.stderr)
+        status = 2
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

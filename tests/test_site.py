@@ -1,0 +1,103 @@
+"""The rendered course in site/ (scripts/make_site.py): present, within budget, and not stale."""
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("make_site", ROOT / "scripts" / "make_site.py")
+make_site = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(make_site)
+
+
+def test_every_lesson_has_a_fresh_page():
+    stale = make_site.stale_pages()
+    assert not stale, (f"site/ is stale for {', '.join(stale)}: their lessons' cells changed since the pages were "
+                       f"rendered (or were never rendered). Run `make site` (or python scripts/make_site.py "
+                       f"{' '.join(sorted({s.split('-')[0] for s in stale}))}) and commit site/.")
+
+
+def test_pages_within_budget_and_complete():
+    manifest = make_site.read_manifest()
+    names = set(make_site.pages())
+    assert set(manifest["pages"]) == names
+    total = 0
+    for name in names:
+        page = (make_site.SITE / f"{name}.html").read_text()
+        size = len(page.encode())
+        assert size <= make_site.PAGE_LIMIT, f"site/{name}.html is {size / 1e6:.2f} MB"
+        assert manifest["pages"][name]["bytes"] == size
+        assert "<style" not in page and 'href="notebook.css"' in page      # the stylesheet is shared
+        assert page.count('class="jp-OutputArea') > 5                       # executed: it has outputs
+        assert "Traceback (most recent call last)" not in page
+        total += size
+    assert "06_guidance" in names and "04_sampling-flowers" in names
+    injected = "Parameters injected by scripts/make_site.py"
+    assert injected in (make_site.SITE / "04_sampling-flowers.html").read_text()
+    assert injected not in (make_site.SITE / "04_sampling.html").read_text()
+    assert manifest["pages"]["05_animations-flowers"]["params"] == {"DATASET": "flowers"}
+    on_disk = sum(f.stat().st_size for f in make_site.SITE.iterdir() if f.is_file())
+    assert on_disk <= make_site.SITE_LIMIT, f"site/ is {on_disk / 1e6:.2f} MB"
+    assert (make_site.SITE / "index.html").is_file() and (make_site.SITE / "notebook.css").stat().st_size > 10_000
+    assert re.search(r"\]\(site/index\.html\)", (ROOT / "README.md").read_text()), "README must link site/index.html"
+
+
+def test_source_hash_follows_sources_not_outputs(tmp_path):
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# A"), nbformat.v4.new_code_cell("x = 1")])
+    path = tmp_path / "a.ipynb"
+    nbformat.write(nb, path)
+    h = make_site.source_hash(path)
+    nb.cells[1].outputs = [nbformat.v4.new_output("stream", text="1\n")]
+    nb.cells[1].execution_count = 3
+    nb.metadata["kernelspec"] = {"name": "python3"}
+    nbformat.write(nb, path)
+    assert make_site.source_hash(path) == h                     # outputs and metadata do not make a page stale
+    nb.cells[1].source = "x = 2"
+    nbformat.write(nb, path)
+    assert make_site.source_hash(path) != h                     # an edited cell does
+    nb.cells[1].source = "x = 1"
+    nb.cells[0].cell_type = "raw"
+    nbformat.write(nb, path)
+    assert make_site.source_hash(path) != h                     # so does a changed cell type
+
+
+@pytest.mark.slow
+def test_execute_injects_parameters_and_html_shares_the_stylesheet(tmp_path, monkeypatch):
+    params = nbformat.v4.new_code_cell('DATASET = "fashion-mnist"   # the default', metadata={"tags": ["parameters"]})
+    nb = nbformat.v4.new_notebook(cells=[params, nbformat.v4.new_code_cell("import os\nprint(DATASET, os.environ.get('DDPM_NB_TINY'))")])
+    path = tmp_path / "lesson.ipynb"
+    nbformat.write(nb, path)
+    monkeypatch.setattr(make_site, "NOTEBOOKS", tmp_path)
+    monkeypatch.setenv("DDPM_NB_TINY", "1")
+    done = make_site.execute(path, {"DATASET": "flowers"}, timeout=120)
+    assert done.cells[1].metadata["tags"] == ["injected-parameters"]
+    assert done.cells[2].outputs[0]["text"] == "flowers None\n"     # injected after the defaults; full size
+    page, css = make_site.to_html(done, "lesson", "a note")
+    assert "<style" not in page and "jp-OutputArea" in css and "a note" in page
+
+
+def test_shrink_images_keeps_every_pixel():
+    import base64
+    import io
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    fig, ax = plt.subplots(figsize=(3, 2))
+    ax.plot([0, 1, 2], [0, 1, 4])
+    ax.imshow([[0, 1], [1, 0]], extent=(0, 1, 0, 1))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    png = buf.getvalue()
+    page = f'<p>x</p><img src="data:image/png;base64,{base64.b64encode(png).decode()}"/><img src="data:image/gif;base64,R0lG"/>'
+    out = make_site.shrink_images(page)
+    webp = re.search(r'src="data:image/webp;base64,([^"]+)"', out)
+    assert webp and 'data:image/gif;base64,R0lG' in out and len(out) < len(page)
+    pixels = lambda raw: Image.open(io.BytesIO(raw)).convert("RGBA").tobytes()
+    assert pixels(base64.b64decode(webp.group(1))) == pixels(png)
