@@ -5,10 +5,11 @@
     python scripts/make_site.py 04_sampling     # one lesson (every page of it)
 
 Each lesson runs top to bottom in a fresh kernel, at full size (DDPM_NB_TINY is removed from the
-environment), on the CPU unless a GPU is there, with the shipped models. Lessons 04 and 05 are
-rendered twice, once per shipped model (DATASET = "fashion-mnist" and "flowers"): a cell tagged
+environment), on the CPU unless a GPU is there, with the shipped models. Lesson 04 is
+rendered twice, once per shipped model (DATASET = "fashion-mnist" and "flowers"; 05 only with its
+default, which its GIFs would not leave room for in the budget below): a cell tagged
 `injected-parameters` after the `parameters` cell sets DATASET, as papermill does. Figures and
-GIFs are embedded in the page (base64; figures as lossless WebP, a third smaller than PNG), so each
+GIFs are embedded in the page (base64; as lossless WebP, a third to a quarter smaller), so each
 page is one self-contained file, except for the notebook stylesheet, which is shared: site/notebook.css.
 
 site/manifest.json records, per page, the SHA-256 of the lesson's cell sources (cell types and
@@ -36,7 +37,7 @@ SITE = ROOT / "site"
 PAGE_LIMIT = 2_000_000     # bytes per page
 SITE_LIMIT = 10_000_000    # bytes for all of site/
 # page name -> (lesson file stem, parameters injected after its `parameters` cell)
-VARIANTS = {"04_sampling": {"DATASET": "flowers"}, "05_animations": {"DATASET": "flowers"}}
+VARIANTS = {"04_sampling": {"DATASET": "flowers"}}
 
 
 def lessons() -> list[Path]:
@@ -110,26 +111,32 @@ def execute(notebook: Path, params: dict, timeout: int):
 
 
 _STYLE = re.compile(r"<style[^>]*>.*?</style>\s*", flags=re.S)
-_PNG = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=\s]+)"')
+_IMG = re.compile(r'src="data:image/(png|gif);base64,([A-Za-z0-9+/=\s]+)"')
 
 
 def shrink_images(page: str) -> str:
-    """Re-encode every embedded PNG as lossless WebP where that is smaller (same pixels; matplotlib's
-    figures come out about a third smaller). Every current browser shows WebP."""
+    """Re-encode every embedded PNG and GIF as lossless WebP (animated for GIFs, same frame delays) where
+    that is smaller: the same pixels, in a third (figures) to a quarter (upscaled GIFs) of the bytes.
+    Every current browser shows WebP. The GIF files the lessons write are not touched."""
     import base64
     import io
 
-    from PIL import Image
+    from PIL import Image, ImageSequence
 
     def webp(m):
-        raw = base64.b64decode(m.group(1))
-        out = io.BytesIO()
-        Image.open(io.BytesIO(raw)).save(out, "WEBP", lossless=True, method=6)
+        raw = base64.b64decode(m.group(2))
+        im, out = Image.open(io.BytesIO(raw)), io.BytesIO()
+        if m.group(1) == "gif" and getattr(im, "n_frames", 1) > 1:
+            frames = [(f.convert("RGB"), f.info.get("duration", 100)) for f in ImageSequence.Iterator(im)]
+            frames[0][0].save(out, "WEBP", save_all=True, append_images=[f for f, _ in frames[1:]],
+                              duration=[d for _, d in frames], loop=0, lossless=True, method=4)
+        else:
+            im.save(out, "WEBP", lossless=True, method=6)
         if out.tell() >= len(raw):
             return m.group(0)
         return 'src="data:image/webp;base64,' + base64.b64encode(out.getvalue()).decode() + '"'
 
-    return _PNG.sub(webp, page)
+    return _IMG.sub(webp, page)
 
 
 def to_html(nb, title: str, note: str) -> tuple[str, str]:
@@ -213,7 +220,13 @@ def main(argv=None) -> int:
         nb_path, params = every[name]
         print(f"{name}: running {nb_path.name} at full size{f' with {params}' if params else ''} ...", flush=True)
         t0 = time.perf_counter()
-        nb = execute(nb_path, params, args.timeout)
+        try:
+            nb = execute(nb_path, params, args.timeout)
+        except Exception as e:  # a failing cell: report it, keep the pages that rendered, go on with the next
+            print(f"error: {name}: {nb_path.name} failed at full size ({type(e).__name__}); its page was not "
+                  f"written. The failing cell's output is above.", file=sys.stderr)
+            status = 2
+            continue
         seconds = time.perf_counter() - t0
         note = (f"{nb_path.name}{' with ' + ', '.join(f'{k} = {v!r}' for k, v in params.items()) if params else ''}, "
                 f"executed at full size in {seconds:.0f} s on {device}, {time.strftime('%Y-%m-%d')}")
@@ -226,6 +239,7 @@ def main(argv=None) -> int:
             continue
         _atomic_write(SITE / "notebook.css", css)
         _atomic_write(SITE / f"{name}.html", page)
+        manifest = dict(read_manifest(), machine=manifest["machine"])   # another `make site` may have added pages
         manifest["pages"][name] = {"notebook": f"notebooks/{nb_path.name}", "params": params,
                                    "source_sha256": source_hash(nb_path), "seconds": round(seconds, 1),
                                    "bytes": size, "date": time.strftime("%Y-%m-%d")}

@@ -38,7 +38,7 @@ def test_pages_within_budget_and_complete():
     injected = "Parameters injected by scripts/make_site.py"
     assert injected in (make_site.SITE / "04_sampling-flowers.html").read_text()
     assert injected not in (make_site.SITE / "04_sampling.html").read_text()
-    assert manifest["pages"]["05_animations-flowers"]["params"] == {"DATASET": "flowers"}
+    assert manifest["pages"]["04_sampling-flowers"]["params"] == {"DATASET": "flowers"}
     on_disk = sum(f.stat().st_size for f in make_site.SITE.iterdir() if f.is_file())
     assert on_disk <= make_site.SITE_LIMIT, f"site/ is {on_disk / 1e6:.2f} MB"
     assert (make_site.SITE / "index.html").is_file() and (make_site.SITE / "notebook.css").stat().st_size > 10_000
@@ -95,9 +95,33 @@ def test_shrink_images_keeps_every_pixel():
     fig.savefig(buf, format="png")
     plt.close(fig)
     png = buf.getvalue()
-    page = f'<p>x</p><img src="data:image/png;base64,{base64.b64encode(png).decode()}"/><img src="data:image/gif;base64,R0lG"/>'
+    page = f'<p>x</p><img src="data:image/png;base64,{base64.b64encode(png).decode()}"/><img src="data:image/jpeg;base64,/9j/"/>'
     out = make_site.shrink_images(page)
     webp = re.search(r'src="data:image/webp;base64,([^"]+)"', out)
-    assert webp and 'data:image/gif;base64,R0lG' in out and len(out) < len(page)
+    assert webp and 'data:image/jpeg;base64,/9j/' in out and len(out) < len(page)
     pixels = lambda raw: Image.open(io.BytesIO(raw)).convert("RGBA").tobytes()
     assert pixels(base64.b64decode(webp.group(1))) == pixels(png)
+
+
+def test_shrink_images_turns_a_gif_into_the_same_animation(tmp_path):
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image, ImageSequence
+
+    from ddpm_nb import animate
+
+    rng = np.random.default_rng(0)
+    frames = [np.kron(rng.integers(0, 255, (8, 8, 1), dtype=np.uint8), np.ones((4, 4, 3), np.uint8)) for _ in range(3)]
+    gif = animate.write_gif(frames, tmp_path / "a.gif", fps=5).read_bytes()
+    out = make_site.shrink_images(f'<img src="data:image/gif;base64,{base64.b64encode(gif).decode()}" width="64"/>')
+    webp = re.search(r'src="data:image/webp;base64,([^"]+)" width="64"', out)
+    assert webp, "an upscaled GIF must come out smaller as WebP, with its attributes kept"
+    decode = lambda raw: [(np.asarray(f.convert("RGB")), f.info.get("duration"))
+                          for f in ImageSequence.Iterator(Image.open(io.BytesIO(raw)))]
+    got, want = decode(base64.b64decode(webp.group(1))), decode(gif)
+    assert len(got) == len(want) == 3
+    for (a, da), (b, db) in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+        assert da == db
