@@ -100,3 +100,11 @@ def test_fid_table_record_writes_the_newest_rows_into_the_models_json(tmp_path, 
     with pytest.raises(SystemExit, match="no rows for 'fashion-quick-cond'"):
         rows_file.write_text(json.dumps(rows[0]) + "\n")
         fid_table.main(["fashion-quick-cond", "--record", "--out", str(rows_file)])
+
+
+@pytest.mark.parametrize("name", sorted(PRETRAINED))
+def test_json_records_carry_the_inception_quality_with_its_floor(name):
+    rows = {(r["what"], r["n"]): r for r in pretrained_info(name)["quality"]["rows"]}
+    model, floor = rows[("DDIM-50", 2000)], rows[("real vs real (floor)", 2000)]
+    assert 0 < floor["fid"] < model["fid"] and abs(floor["kid_mean"]) < model["kid_mean"]
+    assert {("DDIM-10", 500), ("DDIM-20", 500), ("DDIM-50", 500), ("DDIM-100", 500)} <= set(rows)
