@@ -170,7 +170,7 @@ def write_index(manifest: dict) -> None:
 <p>Every lesson executed top to bottom at full size with the shipped models, so the figures, tables
 and GIFs below are real outputs. To run them yourself, open <code>notebooks/</code> in JupyterLab or
 Colab (see the README). Rendered with <code>make site</code> on {html.escape(m.get('device', '?'))},
-torch {html.escape(m.get('torch', '?'))}.</p>
+torch {html.escape(m.get('torch', '?'))}, torch threads: {html.escape(str(m.get('threads', '?')))}.</p>
 <ol>
 {chr(10).join(rows)}
 </ol>
@@ -214,7 +214,8 @@ def main(argv=None) -> int:
         return 0
     SITE.mkdir(exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
-    manifest["machine"] = {"device": device, "torch": torch.__version__, "python": platform.python_version()}
+    manifest["machine"] = {"device": device, "torch": torch.__version__, "python": platform.python_version(),
+                           "threads": os.environ.get("DDPM_NB_THREADS") or "torch's default"}
     status = 0
     for name in todo:
         nb_path, params = every[name]
