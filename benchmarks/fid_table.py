@@ -45,6 +45,13 @@ def sampler(model, diffusion, cfg, steps: int, seed: int, batch: int, eta: float
     return fn
 
 
+def save_atomic(path: Path, features: np.ndarray) -> None:
+    """np.save through a temporary file, so a killed run never leaves a truncated cache behind."""
+    tmp = path.with_name(path.stem + ".tmp.npy")
+    np.save(tmp, features)
+    os.replace(tmp, path)
+
+
 def score(ref: np.ndarray, fake: np.ndarray, seed: int = 0) -> dict:
     m = min(1000, len(fake) // 2, len(ref) // 2)
     kid_mean, kid_std = metrics.kid(ref, fake, subsets=100, subset_size=m, seed=seed)
@@ -119,7 +126,7 @@ def main(argv=None) -> None:
         early[50] = metrics.compute_features(extractor, sampler(model, diffusion, cfg, 50, seed=1, batch=args.batch),
                                              args.batch, num_samples=args.num, progress=False)
         early_seconds = time.perf_counter() - t0
-        np.save(cache.with_name(f"fake_{args.model}_ddim50_{args.num}.npy"), early[50])
+        save_atomic(cache.with_name(f"fake_{args.model}_ddim50_{args.num}.npy"), early[50])
         while not cache.is_file() and (cache.parent / (cache.stem + ".partial")).exists():
             time.sleep(10)
         t0 = time.perf_counter()
@@ -128,8 +135,7 @@ def main(argv=None) -> None:
     else:
         imgs = real_images(data_cfg, cfg.unet.image_size, 2 * args.num, split=split, seed=0)
         real = metrics.compute_features(extractor, imgs, args.batch, progress=False)
-        np.save(cache.with_name(cache.stem + ".tmp.npy"), real)
-        os.replace(cache.with_name(cache.stem + ".tmp.npy"), cache)
+        save_atomic(cache, real)
     if args.real_only:
         print(f"cached {real.shape} real features in {cache}")
         return
@@ -153,8 +159,7 @@ def main(argv=None) -> None:
         else:
             fake = metrics.compute_features(extractor, sampler(model, diffusion, cfg, steps, seed=1, batch=args.batch,
                                                                eta=eta), args.batch, num_samples=n, progress=False)
-            np.save(fake_file.with_name(fake_file.stem + ".tmp.npy"), fake)
-            os.replace(fake_file.with_name(fake_file.stem + ".tmp.npy"), fake_file)
+            save_atomic(fake_file, fake)
         ref = a[:n]
         rows.append(dict(base, what=f"DDIM-{steps}" + (", eta 1" if eta else ""), steps=steps, eta=eta, n=n,
                          **score(ref, fake),

@@ -56,6 +56,11 @@ def pages() -> dict[str, tuple[Path, dict]]:
     return out
 
 
+def params_text(params: dict, sep: str = ", ") -> str:
+    """The injected parameters as Python assignments: DATASET = 'flowers'."""
+    return sep.join(f"{k} = {v!r}" for k, v in params.items())
+
+
 def source_hash(notebook: Path) -> str:
     """SHA-256 of a notebook's cell types and sources, in order (outputs and metadata ignored)."""
     cells = json.loads(notebook.read_text())["cells"]
@@ -96,8 +101,7 @@ def execute(notebook: Path, params: dict, timeout: int):
         at = next((i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])), None)
         if at is None:
             raise SystemExit(f"error: {notebook.name} has no cell tagged 'parameters' to inject {params} after")
-        src = "# Parameters injected by scripts/make_site.py for this page\n" + \
-              "\n".join(f"{k} = {v!r}" for k, v in params.items())
+        src = "# Parameters injected by scripts/make_site.py for this page\n" + params_text(params, "\n")
         cell = nbformat.v4.new_code_cell(src, metadata={"tags": ["injected-parameters"]})
         nb.cells.insert(at + 1, cell)
     env_tiny = os.environ.pop("DDPM_NB_TINY", None)
@@ -159,7 +163,7 @@ def write_index(manifest: dict) -> None:
         info = manifest["pages"].get(name)
         if info is None:
             continue
-        what = f" ({', '.join(f'{k} = {v!r}' for k, v in params.items())})" if params else ""
+        what = f" ({params_text(params)})" if params else ""
         rows.append(f'<li><a href="{name}.html">{html.escape(nb.stem)}</a>{html.escape(what)}: ran in '
                     f'{info["seconds"]:.0f} s, {info["bytes"] / 1e6:.2f} MB</li>')
     m = manifest.get("machine", {})
@@ -184,19 +188,7 @@ def main(argv=None) -> int:
     p.add_argument("only", nargs="*", help="lesson names (e.g. 04_sampling); default: every stale page")
     p.add_argument("--all", action="store_true", help="render every page, stale or not")
     p.add_argument("--timeout", type=int, default=3600, help="seconds one cell may run")
-    p.add_argument("--shrink-only", action="store_true",
-                   help="run nothing: re-encode the figures of the pages already in site/ (see shrink_images)")
     args = p.parse_args(argv)
-    if args.shrink_only:
-        manifest = read_manifest()
-        for name, info in manifest["pages"].items():
-            page = shrink_images((SITE / f"{name}.html").read_text())
-            _atomic_write(SITE / f"{name}.html", page)
-            info["bytes"] = len(page.encode())
-        _atomic_write(SITE / "manifest.json", json.dumps(manifest, indent=1) + "\n")
-        write_index(manifest)
-        print("\n".join(f"{n}: {i['bytes'] / 1e6:.2f} MB" for n, i in manifest["pages"].items()))
-        return 0
     import torch
 
     every = pages()
@@ -224,12 +216,13 @@ def main(argv=None) -> int:
         try:
             nb = execute(nb_path, params, args.timeout)
         except Exception as e:  # a failing cell: report it, keep the pages that rendered, go on with the next
+            print(e, file=sys.stderr)
             print(f"error: {name}: {nb_path.name} failed at full size ({type(e).__name__}); its page was not "
-                  f"written. The failing cell's output is above.", file=sys.stderr)
+                  f"written. The failing cell and its traceback are above.", file=sys.stderr)
             status = 2
             continue
         seconds = time.perf_counter() - t0
-        note = (f"{nb_path.name}{' with ' + ', '.join(f'{k} = {v!r}' for k, v in params.items()) if params else ''}, "
+        note = (f"{nb_path.name}{' with ' + params_text(params) if params else ''}, "
                 f"executed at full size in {seconds:.0f} s on {device}, {time.strftime('%Y-%m-%d')}")
         page, css = to_html(nb, name, note)
         size = len(page.encode())
