@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["PRETRAINED", "LESSON_MODELS", "pretrained", "pretrained_path", "pretrained_info", "lesson_model",
+__all__ = ["PRETRAINED", "LESSON_MODELS", "LESSON_DATA", "pretrained", "pretrained_path", "pretrained_info", "lesson_model",
            "class_name"]
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -26,6 +26,9 @@ PRETRAINED: dict[str, tuple[str, str]] = {
 }
 # a lesson's DATASET parameter -> the shipped model it samples from
 LESSON_MODELS = {"fashion-mnist": "fashion-quick-cond", "flowers": "flowers-cpu-cond"}
+# a lesson's DATASET -> the config settings of a class-conditional model of that data (any size)
+LESSON_DATA = {"fashion-mnist": {"data.dataset": "fashion-mnist", "unet.num_classes": 10},
+               "flowers": {"data.dataset": "flowers102", "unet.num_classes": 102, "unet.in_channels": 3}}
 
 
 def pretrained_path(name: str) -> Path:
@@ -77,9 +80,7 @@ def lesson_model(dataset: str, *, device=None, tiny: bool = False, fallback_dir=
 
     print(f"The shipped model {name!r} is missing, so TINY mode trains a tiny class-conditional model (preset 'tiny': "
           "16 px, T = 50, 30 steps) right here, so that every cell runs. Its samples are blobs.")
-    data = {"fashion-mnist": {"data.dataset": "fashion-mnist", "unet.num_classes": 10},
-            "flowers": {"data.dataset": "flowers102", "unet.num_classes": 102, "unet.in_channels": 3}}[dataset]
-    cfg = preset("tiny").override({"name": f"fallback-tiny-{dataset}", "data.class_cond": True, **data})
+    cfg = preset("tiny").override({"name": f"fallback-tiny-{dataset}", "data.class_cond": True, **LESSON_DATA[dataset]})
     trainer = Trainer(cfg, run_dir=Path(fallback_dir) / cfg.name, device=device, resume=True)
     trainer.train()                       # resume=True: a second call reuses the finished model
     trainer.close()
