@@ -283,6 +283,8 @@ class DiffusionConfig(_Base):
     loss_type: str = _h(f"regression loss: one of {LOSS_TYPES}", "mse")
     min_snr_gamma: float | None = _h("min-SNR-gamma loss weighting (Hang et al. 2023), e.g. 5.0; None = off",
                                      None)
+    input_perturbation: float = _h("DDPM-IP gamma (Ning et al. 2023): x_t is formed from eps + gamma * xi while "
+                                   "the target stays eps; 0 = off, the paper uses 0.1", 0.0)
 
     def __post_init__(self):
         _typed(self)
@@ -297,6 +299,8 @@ class DiffusionConfig(_Base):
               f"unknown loss {self.loss_type!r}; allowed: {', '.join(LOSS_TYPES)}")
         _need(self.min_snr_gamma is None or self.min_snr_gamma > 0, f"{w}.min_snr_gamma",
               f"must be None or > 0, got {self.min_snr_gamma}")
+        _need(0.0 <= self.input_perturbation <= 1.0, f"{w}.input_perturbation",
+              f"must be in [0, 1] (0 = off; the paper uses 0.1), got {self.input_perturbation}")
         _need(not self.zero_terminal_snr or self.objective == "v", f"{w}.zero_terminal_snr",
               "needs objective='v': with alphas_cumprod[T-1] = 0, an eps- or x0-prediction cannot recover "
               "the image at the last step")
@@ -371,6 +375,8 @@ class TrainConfig(_Base):
                              "both")
     sample_amp: str = _h("precision of the sample grids: 'auto' (bf16 where it is native: GPUs with bf16, CPUs "
                          "with AVX-512 BF16/AMX) or 'off' (fp32)", "auto")
+    label_dropout: float = _h("classifier-free guidance: probability that a training label is replaced by the "
+                              "null class (class-conditional runs only; Ho & Salimans 2022 use 0.1-0.2)", 0.1)
     eval_batches: int = _h("validation batches per evaluation", 8)
     seed: int = _h("random seed", 0)
 
@@ -398,6 +404,8 @@ class TrainConfig(_Base):
         _need(0.0 <= self.ema_decay < 1.0, f"{w}.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
         _need(self.grad_clip is None or self.grad_clip > 0, f"{w}.grad_clip", "must be None or > 0")
         _need(0.0 <= self.min_lr_ratio <= 1.0, f"{w}.min_lr_ratio", "must be in [0, 1]")
+        _need(0.0 <= self.label_dropout < 1.0, f"{w}.label_dropout",
+              f"must be in [0, 1) (0 = never drop; 0.1 is usual), got {self.label_dropout}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -12,7 +12,24 @@ from torch import nn
 from .config import DiffusionConfig
 from .schedule import NoiseSchedule, extract
 
-__all__ = ["GaussianDiffusion"]
+__all__ = ["GaussianDiffusion", "drop_labels"]
+
+
+def _randn(shape, generator: torch.Generator | None, device) -> torch.Tensor:
+    """N(0, I) of `shape`, drawn on the generator's device (so a seeded run is reproducible) and moved."""
+    if generator is None:
+        return torch.randn(shape, device=device)
+    return torch.randn(shape, generator=generator, device=generator.device).to(device)
+
+
+def drop_labels(y: torch.Tensor, p: float, null_class: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Classifier-free guidance training (Ho & Salimans 2022): each label becomes `null_class` with
+    probability p, independently. y: (B,) long. One uniform per label is drawn from `generator`.
+    Explained in notebooks/06_guidance.
+    """
+    where = generator.device if generator is not None else y.device
+    drop = (torch.rand(y.shape[0], generator=generator, device=where) < p).to(y.device)
+    return torch.where(drop, torch.full_like(y, null_class), y)
 
 
 class GaussianDiffusion(nn.Module):
@@ -130,22 +147,32 @@ class GaussianDiffusion(nn.Module):
         return clipped / (snr + 1.0)
 
     def sample_timesteps(self, batch: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Uniform t ~ U{0, ..., T-1}: (B,) long."""
-        return torch.randint(0, self.timesteps, (batch,), device=device, generator=generator)
+        """Uniform t ~ U{0, ..., T-1}: (B,) long, drawn on the generator's device and moved to `device`."""
+        where = generator.device if generator is not None else device
+        return torch.randint(0, self.timesteps, (batch,), device=where, generator=generator).to(device)
 
-    def training_losses(self, model: nn.Module, x0: torch.Tensor, *, t: torch.Tensor | None = None,
-                        noise: torch.Tensor | None = None, y: torch.Tensor | None = None) -> torch.Tensor:
-        """Algorithm 1 of DDPM, per sample: (B,) float32 losses.
+    def training_losses(self, model: nn.Module, x0: torch.Tensor, y: torch.Tensor | None = None, *,
+                        generator: torch.Generator | None = None, t: torch.Tensor | None = None,
+                        noise: torch.Tensor | None = None,
+                        input_perturbation: float | None = None) -> torch.Tensor:
+        """Algorithm 1 of DDPM, per sample: (B,) float32 losses with the objective's weighting.
 
+        Draws t ~ U{0..T-1}, then eps ~ N(0, I) (in that order, from `generator`), unless given;
+        forms x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps and regresses the network's output on the
+        objective's target. With input perturbation gamma (DDPM-IP, Ning et al. 2023, eq. 8), x_t is
+        formed from eps + gamma * xi (xi drawn after eps) while the target keeps eps, which trains the
+        network on the slightly-off inputs it meets while sampling. `input_perturbation` overrides
+        cfg.input_perturbation (evaluation passes 0: the plain objective).
         The network may run under autocast; its output is cast to fp32 before the loss, so the
         regression and the reduction are always computed in full precision.
         """
         b = x0.shape[0]
         if t is None:
-            t = self.sample_timesteps(b, x0.device)
+            t = self.sample_timesteps(b, x0.device, generator)
         if noise is None:
-            noise = torch.randn_like(x0)
-        x_t = self.q_sample(x0, t, noise)
+            noise = _randn(x0.shape, generator, x0.device)
+        gamma = self.cfg.input_perturbation if input_perturbation is None else input_perturbation
+        x_t = self.q_sample(x0, t, noise + gamma * _randn(x0.shape, generator, x0.device) if gamma else noise)
         out = model(x_t, t, y) if y is not None else model(x_t, t)
         out = out.float()
         target = self.target(x0.float(), noise.float(), t)

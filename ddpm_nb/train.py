@@ -27,7 +27,7 @@ from .checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError,
                          config_differences as _config_differences, export_weights, load_checkpoint, load_model,
                          load_weights as _load_weights, plain as _plain, save_checkpoint)
 from .config import ConfigError, RunConfig
-from .diffusion import GaussianDiffusion
+from .diffusion import GaussianDiffusion, drop_labels
 from .sample import device_generator
 from .sample import sample as draw_samples
 from .unet import UNet, count_parameters
@@ -444,10 +444,8 @@ class Trainer:
         if self.cfg.train.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = y.to(self.device).long() if self.cfg.data.class_cond else None
-        if y is not None and self.cfg.unet.num_classes:
-            # classifier-free guidance training: drop 10% of labels to the null class
-            drop = torch.rand(y.shape[0], generator=self.gen, device=self.device) < 0.1
-            y = torch.where(drop, torch.full_like(y, self.cfg.unet.num_classes), y)
+        if y is not None and self.cfg.unet.num_classes:  # classifier-free guidance training
+            y = drop_labels(y, self.cfg.train.label_dropout, self.cfg.unet.num_classes, self.gen)
         return x, y
 
     # ---- one step ---------------------------------------------------------------------------
@@ -471,14 +469,11 @@ class Trainer:
         for i in range(tc.grad_accum):
             x, y = self._prepare(*next(batches))
             self.micro_batches_seen += 1
-            b = x.shape[0]
-            t = torch.randint(0, self.diffusion.timesteps, (b,), generator=self.gen, device=self.device)
-            noise = torch.randn(x.shape, generator=self.gen, device=self.device)
             sync = i == tc.grad_accum - 1 or not self.distributed
             ctx = self.model.no_sync() if not sync and hasattr(self.model, "no_sync") else contextlib.nullcontext()
             with ctx:
                 with self._autocast():
-                    loss = self.diffusion.training_losses(self.model, x, t=t, noise=noise, y=y).mean()
+                    loss = self.diffusion.training_losses(self.model, x, y, generator=self.gen).mean()
                 self.scaler.scale(loss / tc.grad_accum).backward()
             total += loss.detach() / tc.grad_accum
         if self.distributed:
@@ -541,14 +536,13 @@ class Trainer:
                 break
             x = x.to(self.device).float()
             y = y.to(self.device).long() if self.cfg.data.class_cond else None
-            t = torch.randint(0, T, (x.shape[0],), generator=g)
-            noise = torch.randn(x.shape, generator=g)
-            t, noise = t.to(self.device), noise.to(self.device)
+            t = self.diffusion.sample_timesteps(x.shape[0], self.device, g)  # the same t and eps for both nets
+            noise = torch.randn(x.shape, generator=g).to(self.device)
             for name, net in (("online", self.raw_model), ("ema", self.ema.model)):
                 was = net.training
                 net.eval()
                 with self._autocast():
-                    per = self.diffusion.training_losses(net, x, t=t, noise=noise, y=y).cpu()
+                    per = self.diffusion.training_losses(net, x, y, t=t, noise=noise, input_perturbation=0.0).cpu()
                 net.train(was)
                 sums[name] += per.sum().item()
                 if name == "online":
