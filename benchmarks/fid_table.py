@@ -16,8 +16,9 @@ Features are cached beside --out (real_*.npy, fake_*.npy; gitignored), so a kill
 from __future__ import annotations
 
 import argparse
+import io
 import json
-import os
+import sys
 import time
 from pathlib import Path
 
@@ -28,6 +29,7 @@ import ddpm_nb
 from ddpm_nb import metrics
 from ddpm_nb.data import real_images
 from ddpm_nb.sample import sample
+from ddpm_nb.utils import DiskFullError, append_text, atomic_write_bytes
 
 
 def sampler(model, diffusion, cfg, steps: int, seed: int, batch: int, eta: float = 0.0):
@@ -46,10 +48,11 @@ def sampler(model, diffusion, cfg, steps: int, seed: int, batch: int, eta: float
 
 
 def save_atomic(path: Path, features: np.ndarray) -> None:
-    """np.save through a temporary file, so a killed run never leaves a truncated cache behind."""
-    tmp = path.with_name(path.stem + ".tmp.npy")
-    np.save(tmp, features)
-    os.replace(tmp, path)
+    """np.save through a temporary file (`utils.atomic_path`), so neither a kill nor a full disk leaves a
+    truncated cache behind (a full disk raises DiskFullError, which `main` reports in one line)."""
+    buf = io.BytesIO()  # in memory first: np.save's own file writes report a full disk without an errno
+    np.save(buf, features)
+    atomic_write_bytes(path, buf.getbuffer())
 
 
 def score(ref: np.ndarray, fake: np.ndarray, seed: int = 0) -> dict:
@@ -81,9 +84,7 @@ def record(model: str, rows_file: Path) -> None:
     path = pretrained_path(model).with_suffix(".json")
     info = json.loads(path.read_text())
     info["quality"] = quality
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(info, indent=1, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    atomic_write_bytes(path, (json.dumps(info, indent=1, ensure_ascii=False) + "\n").encode())
     print(f"wrote {len(quality['rows'])} rows into {path}")
 
 
@@ -171,9 +172,7 @@ def main(argv=None) -> None:
             rows.append(dict(base, what="real vs real (floor)", n=k, **score(a[:k], b[:k]), seconds=0.0))
             print(json.dumps(rows[-2]), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "a") as fh:
-        for r in rows:
-            fh.write(json.dumps(r) + "\n")
+    append_text(args.out, "".join(json.dumps(r) + "\n" for r in rows))
     print("| model | what | n | FID | KID x1e3 |\n| --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['model']} | {r['what']} | {r['n']} | {r['fid']:.2f} | {1e3 * r['kid_mean']:.2f} ± "
@@ -181,4 +180,8 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DiskFullError as exc:  # the caches already written stay: the next run continues from them
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

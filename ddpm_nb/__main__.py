@@ -4,7 +4,9 @@ Every training setting is a flag named after its place in the config (`--train.l
 `--unet.dropout 0`, `--data.dataset flowers102`), with a few short aliases (`--steps`,
 `--batch-size`, `--lr`, `--amp`, `--dataset`). Values are parsed as YAML, then converted to each
 field's declared type, so `--train.lr 1e-4`, `--unet.channel_mults [1,2,2]` (or `1,2,2`),
-`--train.grad_clip null` (or `off`), `--train.amp off` and `--data.class_cond true` work.
+`--train.grad_clip null` (or `off`), `--train.amp off` and `--data.class_cond true` work. A `--config`
+YAML file goes through the same conversion, so a quoted number there (`batch_size: '16'`) is the number
+16, and a quoted value that does not convert exactly (`'16.5'` for an integer) is refused in one line.
 
 Every user error (a bad value, a missing file, a full disk) ends in one `error:` line on stderr
 and exit status 2, with nothing already written lost.
@@ -115,8 +117,17 @@ def _warn_if_busy(device) -> None:
         print(warning, file=sys.stderr)
 
 
+def _shown(path) -> str:
+    """A path as the user typed it: relative to the working folder when it lies inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import Trainer
+    from .utils import DiskFullError
 
     cfg = build_config(args)
     if not args.print_config:
@@ -135,6 +146,14 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"resumed at step {trainer.step} from {trainer.last_checkpoint}", file=sys.stderr)
     try:
         trainer.train()
+    except DiskFullError as exc:
+        what = getattr(exc, "what", str(exc))
+        kept = (f"the last good checkpoint, step {trainer._good_step} ({_shown(trainer.last_checkpoint)}), and the "
+                "log rows up to it are intact" if trainer.last_checkpoint else "the run has no checkpoint yet")
+        again = " ".join(["python -m ddpm_nb", *(a for a in sys.argv[1:] if a != "--resume"), "--resume"]) \
+            if sys.argv[1:2] == ["train"] else "the same command with --resume"
+        raise DiskFullError(exc.errno, f"{what}. Training stopped at step {trainer.step}; nothing was lost: {kept}. "
+                                       f"Free some space, then continue with: {again}") from None
     finally:
         trainer.close()
     if trainer.is_main:
@@ -315,6 +334,7 @@ def cmd_fid(args: argparse.Namespace) -> int:
     from . import metrics
     from .data import load_dataset, real_images
     from .sample import sample
+    from .utils import append_text
 
     model, diffusion, cfg, kw = _load_for_sampling(args)
     device = next(model.parameters()).device
@@ -344,8 +364,7 @@ def cmd_fid(args: argparse.Namespace) -> int:
                   guidance_scale=args.guidance_scale, split=args.split, seconds=time.perf_counter() - started,
                   device=str(device))
     out = _out_dir(args, ".") / "fid.jsonl"
-    with open(out, "a") as fh:
-        fh.write(json.dumps(result) + "\n")
+    append_text(out, json.dumps(result) + "\n")
     print(f"appended to {out}")
     return 0
 

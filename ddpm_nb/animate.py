@@ -18,15 +18,17 @@ to multiples of 16 (what H.264 players expect).
 """
 from __future__ import annotations
 
+import errno
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from ddpm_nb.utils import atomic_path, atomic_write_bytes, make_grid
+from ddpm_nb.utils import atomic_path, atomic_write_bytes, is_disk_full, make_grid
 
 __all__ = [
     "frame_schedule",
@@ -413,11 +415,22 @@ def write_mp4(frames: list[np.ndarray], path, *, fps: int = 20) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path, suffix=".mp4") as tmp:
-        iio.imwrite(
-            tmp, stack, plugin="FFMPEG", fps=fps, codec="libx264", pixelformat="yuv420p",
-            macro_block_size=16, quality=None, ffmpeg_log_level="error",
-            output_params=["-crf", "18", "-movflags", "+faststart"],
-        )
+        try:
+            iio.imwrite(
+                tmp, stack, plugin="FFMPEG", fps=fps, codec="libx264", pixelformat="yuv420p",
+                macro_block_size=16, quality=None, ffmpeg_log_level="quiet",
+                output_params=["-crf", "18", "-movflags", "+faststart"],
+            )
+            # ffmpeg writes the file itself and may only log a failed write (a full disk): read the file back
+            # (stream copy, no decoding) before it replaces anything
+            import imageio_ffmpeg
+            if imageio_ffmpeg.count_frames_and_secs(str(tmp))[0] != len(stack):
+                raise RuntimeError(f"ffmpeg wrote an incomplete MP4 ({tmp.stat().st_size} bytes)")
+        except (OSError, RuntimeError) as exc:
+            # a full disk, unless there is clearly room (the frames' raw size at 1:50 compression)
+            if not is_disk_full(exc) and shutil.disk_usage(path.parent).free > stack.nbytes // 50:
+                raise
+            raise OSError(errno.ENOSPC, "No space left on device") from None
     return path
 
 

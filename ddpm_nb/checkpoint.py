@@ -15,6 +15,7 @@ when the next process takes the run over. Explained in notebooks/03_training.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import shutil
@@ -25,7 +26,7 @@ import yaml
 from torch import nn
 
 from .config import RunConfig
-from .utils import atomic_path, pick_device
+from .utils import append_text, atomic_path, pick_device
 
 try:  # POSIX: a lock the kernel drops when its process dies, so a stale lock is never a problem
     import fcntl
@@ -68,17 +69,6 @@ def plain(d):
     return d
 
 
-def _nbytes(obj) -> int:
-    """Bytes of the tensors in a nested state (an estimate of the file size)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(_nbytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_nbytes(v) for v in obj)
-    return 0
-
-
 def save_checkpoint(state: dict, path: str | os.PathLike, *, also: list[Path] = ()) -> Path:
     """Write `state` atomically (temp file, fsync, rename: `utils.atomic_path`).
 
@@ -87,9 +77,12 @@ def save_checkpoint(state: dict, path: str | os.PathLike, *, also: list[Path] = 
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    size = _nbytes(state) + 100_000
-    with atomic_path(path, size_hint=size) as tmp, open(tmp, "wb") as fh:
-        torch.save(state, fh)
+    buf = io.BytesIO()  # serialised in memory first: torch's zip writer turns a full disk into a RuntimeError
+    torch.save(state, buf)
+    with atomic_path(path, size_hint=buf.tell()) as tmp:
+        tmp.write_bytes(buf.getbuffer())
+    size = buf.tell()
+    del buf
     for other in also:
         with atomic_path(other, size_hint=size) as other_tmp:
             try:
@@ -221,12 +214,13 @@ class CsvLog:
             w.writerows(rows)
 
     def append(self, row: dict) -> None:
-        new = not self.path.exists()
-        with open(self.path, "a", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=self.fields, extrasaction="ignore")
-            if new:
-                w.writeheader()
-            w.writerow(row)
+        """Append one row (the header first in a new file), whole or not at all (`utils.append_text`)."""
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=self.fields, extrasaction="ignore")
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            w.writeheader()
+        w.writerow(row)
+        append_text(self.path, buf.getvalue())
 
 
 _HELD: dict[str, int] = {}  # run folders this process has locked: resolved path -> lock file descriptor

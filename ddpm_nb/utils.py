@@ -28,6 +28,9 @@ __all__ = [
     "make_grid",
     "save_image",
     "atomic_path",
+    "append_text",
+    "disk_full",
+    "is_disk_full",
     "atomic_write_bytes",
     "DiskFullError",
     "set_threads",
@@ -224,7 +227,7 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def _megabytes(n: int) -> str:
-    return f"{n / 1e6:.1f} MB"
+    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.0f} kB"
 
 
 @contextlib.contextmanager
@@ -243,23 +246,60 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None, *, size_hint
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)) or isinstance(exc, DiskFullError):
+        if not is_disk_full(exc) or isinstance(exc, DiskFullError):
             raise
         written = tmp.stat().st_size if tmp.exists() else 0
-        free = shutil.disk_usage(path.parent).free if path.parent.exists() else 0
-        need = f"about {_megabytes(size_hint)}" if size_hint else f"more than the {_megabytes(written)} written"
         kept = f"the previous {path.name} is intact" if path.exists() else "no partial file was left"
-        raise DiskFullError(exc.errno, f"could not write {path}: no space left on the device (it needs {need}; "
-                                       f"{_megabytes(free)} free there). Nothing was lost: {kept}. Free some "
-                                       "space and run the command again") from None
+        raise disk_full(path, size_hint or written, kept, exact=bool(size_hint)) from None
     finally:
         if tmp.exists():
             tmp.unlink()
 
 
+def is_disk_full(exc: BaseException) -> bool:
+    """True for the errors a full disk or an exhausted quota raises (ENOSPC, EDQUOT)."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+def disk_full(path: str | os.PathLike, need: int, kept: str, *, exact: bool = True,
+              then: str = "Free some space and run the command again") -> DiskFullError:
+    """The one message of every full-disk error: the file, the space it needs, the space free there,
+    what was kept (`kept`, e.g. "the previous latest.pt is intact") and what to do (`then`).
+    The parts are kept on the error (`.what`, `.then`) so a caller can say more about what was kept."""
+    path = Path(path)
+    folder = next((p for p in (path.parent, *path.parents) if p.exists()), Path("."))
+    free = shutil.disk_usage(folder).free
+    need_text = f"about {_megabytes(need)}" if exact else f"more than the {_megabytes(need)} written"
+    what = f"could not write {path}: no space left on the device (it needs {need_text}; {_megabytes(free)} free there)"
+    err = DiskFullError(errno.ENOSPC, f"{what}. Nothing was lost: {kept}. {then}")
+    err.what, err.kept, err.then = what, kept, then
+    return err
+
+
+def append_text(path: str | os.PathLike, text: str) -> None:
+    """Append `text` to `path` whole or not at all: a full disk truncates the file back to its old length
+    (no half-written row for the next reader) and raises `DiskFullError`."""
+    path = Path(path)
+    data = text.encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        start = os.lseek(fd, 0, os.SEEK_END)
+        view = memoryview(data)
+        try:
+            while view:  # unbuffered: a short write continues, a full disk raises here and nowhere later
+                view = view[os.write(fd, view):]
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            os.ftruncate(fd, start)
+            raise disk_full(path, len(data), f"{path.name} keeps every line written before") from None
+    finally:
+        os.close(fd)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` atomically (see `atomic_path`)."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path, size_hint=len(data)) as tmp:
         tmp.write_bytes(data)
 
 
@@ -269,8 +309,10 @@ def save_image(images: torch.Tensor, path: str | os.PathLike, nrow: int | None =
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        iio.imwrite(tmp, make_grid(images, nrow=nrow, scale=scale))
+    # encoded in memory, then written: no encoder holds a file that a full disk could break (imageio would
+    # retry the close at garbage collection and print a traceback)
+    atomic_write_bytes(path, iio.imwrite("<bytes>", make_grid(images, nrow=nrow, scale=scale),
+                                         extension=path.suffix or ".png"))
     return path
 
 

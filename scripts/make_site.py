@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+from ddpm_nb.utils import DiskFullError, atomic_write_bytes
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 SITE = ROOT / "site"
@@ -86,9 +88,9 @@ def stale_pages(manifest: dict | None = None) -> list[str]:
 
 
 def _atomic_write(path: Path, data: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(data)
-    os.replace(tmp, path)
+    """Temp file + rename (`ddpm_nb.utils.atomic_write_bytes`): a full disk leaves the old page whole and
+    raises DiskFullError, which `main` reports in one line."""
+    atomic_write_bytes(path, data.encode())
 
 
 def execute(notebook: Path, params: dict, timeout: int):
@@ -250,5 +252,14 @@ def main(argv=None) -> int:
     return status
 
 
+def cli(argv=None) -> int:
+    """`main`, with a full disk reported in one line (exit 2): the pages already written stay as they are."""
+    try:
+        return main(argv)
+    except DiskFullError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -140,6 +140,15 @@ def test_flag_and_yaml_values_are_converted_to_the_fields_types(tmp_path):
     yml.write_text("train:\n  lr: 2e-4\n  batch_size: '16'\n  amp: off\n")
     cfg = _config(["--config", str(yml)])
     assert cfg.train.lr == 2e-4 and cfg.train.batch_size == 16 and cfg.train.amp == "off"
+    assert isinstance(cfg.train.batch_size, int)
+
+
+def test_a_quoted_yaml_value_that_does_not_convert_is_refused_in_one_line(tmp_path, capsys):
+    yml = tmp_path / "c.yaml"  # the README's rule: YAML values get the flags' conversion, exactly
+    yml.write_text("train:\n  batch_size: '16.5'\n")
+    assert main(["train", "--preset", "tiny", "--config", str(yml)]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: TrainConfig.batch_size: cannot use '16.5': expected an integer\n"
 
 
 @pytest.mark.parametrize("argv, message", [
