@@ -300,20 +300,20 @@ def flowers_config(plan: FlowersPlan, pack: Path, *, compile: bool, amp: str) ->
 
 def half_state(cfg: RunConfig, ema_model: torch.nn.Module, step: int) -> dict:
     """A sampling-only checkpoint (the format `load_model` and `ddpm_nb.pretrained` read) with fp16 weights."""
-    from ddpm_nb.train import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, _plain
+    from ddpm_nb.checkpoint import checkpoint_dict
 
     weights = {k: (v.detach().to("cpu", torch.float16) if v.is_floating_point() else v.detach().cpu())
                for k, v in ema_model.state_dict().items()}
-    return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "ddpm_nb_version": __version__,
-            "config": _plain(cfg.to_dict()), "step": step, "model": weights, "ema": None, "weights": "ema",
-            "dtype": "float16", "exported_from": "benchmarks/gpu_run.py"}
+    return checkpoint_dict(cfg, weights, step=step, weights="ema", dtype="float16",
+                           exported_from="benchmarks/gpu_run.py")
 
 
 def stage_flowers(ctx: Context, deadline: float) -> dict:
     """Train on the packed Flowers102 until the clock says stop, then save weights, grid, GIF and samples."""
     from ddpm_nb.animate import chain_frames, write_gif
     from ddpm_nb.sample import ddim_sample, ddpm_sample
-    from ddpm_nb.train import Trainer, load_model, save_checkpoint
+    from ddpm_nb.checkpoint import load_model, save_checkpoint
+    from ddpm_nb.train import Trainer
     from ddpm_nb.unet import count_parameters
     from ddpm_nb.utils import save_image
 

@@ -193,7 +193,7 @@ def compare_models(folder: Path, summary: dict, *, cpu_model: Path | None, extra
     """FID of the GPU run's samples and of the CPU model's, same n, sampler, labels, real images and extractor."""
     from ddpm_nb import metrics
     from ddpm_nb.sample import ddim_sample
-    from ddpm_nb.train import load_model
+    from ddpm_nb.checkpoint import load_model
 
     fl = summary.get("flowers")
     if not fl or "samples" not in fl:
@@ -255,7 +255,7 @@ def ship_model(folder: Path, summary: dict, decision: dict, assets: Path, label:
             {"gpu_run": decision["gpu"]["fid"], "cpu_model": decision["cpu"]["fid"],
              "real_vs_real": decision["gpu"]["fid_real_vs_real"]},
             "date": summary["started"],
-            "load_with": f'ddpm_nb.train.load_model("ddpm_nb/assets/{ASSET_NAME}.pt")'}
+            "load_with": f'ddpm_nb.checkpoint.load_model("ddpm_nb/assets/{ASSET_NAME}.pt")'}
     dst.with_suffix(".json").write_text(json.dumps(info, indent=1) + "\n")
     return dst
 

@@ -25,6 +25,7 @@ import torch
 import yaml
 from torch import nn
 
+from ._version import __version__
 from .config import RunConfig
 from .utils import append_text, atomic_path, pick_device
 
@@ -38,8 +39,12 @@ __all__ = [
     "CHECKPOINT_VERSION",
     "CheckpointError",
     "RunInUseError",
+    "checkpoint_dict",
     "save_checkpoint",
     "load_checkpoint",
+    "capture_run_state",
+    "save_run_checkpoint",
+    "restore_run_state",
     "load_model",
     "export_weights",
     "is_good_checkpoint",
@@ -67,6 +72,16 @@ def plain(d):
     if isinstance(d, (list, tuple)):
         return [plain(v) for v in d]
     return d
+
+
+def checkpoint_dict(cfg, model_state: dict, *, step: int, ema: dict | None = None, **extra) -> dict:
+    """The checkpoint format, built in this one place for every writer (the trainer, `export_weights`,
+    benchmarks/gpu_run.py): format tag and version, the package version, the RunConfig as plain data,
+    the step, the weights, the EMA state (None in a sampling-only file), then `extra` (optimizer, RNGs, ...).
+    `cfg` is a RunConfig or its dict."""
+    return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "ddpm_nb_version": __version__,
+            "config": plain(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg), "step": int(step),
+            "model": model_state, "ema": ema, **extra}
 
 
 def save_checkpoint(state: dict, path: str | os.PathLike, *, also: list[Path] = ()) -> Path:
@@ -170,8 +185,8 @@ def export_weights(src: str | os.PathLike, dst: str | os.PathLike, *, ema: bool 
     """
     state = load_checkpoint(src)
     weights = state["ema"]["model"] if ema and state.get("ema") else state["model"]
-    slim = {key: state[key] for key in ("format", "version", "ddpm_nb_version", "config", "step") if key in state}
-    slim.update(model=weights, ema=None, exported_from=str(Path(src)), weights="ema" if ema else "online")
+    slim = checkpoint_dict(state["config"], weights, step=state.get("step", 0), exported_from=str(Path(src)),
+                           weights="ema" if ema else "online")
     return save_checkpoint(slim, dst)
 
 
@@ -184,6 +199,86 @@ def is_good_checkpoint(model: nn.Module, recent_losses: list[float], all_losses:
             return False
     best = min((v for v in all_losses if math.isfinite(v)), default=1.0)
     return all(math.isfinite(v) and v <= max(1.0, 10.0 * best) for v in map(float, recent_losses))
+
+
+# ---- a Trainer's run state: captured, saved, restored ------------------------------------------
+def capture_run_state(trainer) -> dict:
+    """Everything an exact resume needs from a `train.Trainer`: weights, EMA, optimizer, LR schedule,
+    GradScaler, the RNG states (torch's global ones and the trainer's generator), the data position
+    (micro-batches seen) and the open log interval."""
+    return checkpoint_dict(
+        trainer.cfg, trainer.raw_model.state_dict(), step=trainer.step, ema=trainer.ema.state_dict(),
+        micro_batches_seen=trainer.micro_batches_seen,
+        log_interval=[float(trainer._interval[0]), int(trainer._interval[1])],
+        optimizer=trainer.optimizer.state_dict(), scheduler=trainer.scheduler.state_dict(),
+        scaler=trainer.scaler.state_dict(),
+        rng={"cpu": torch.get_rng_state(),
+             "cuda": torch.cuda.get_rng_state(trainer.device) if trainer.device.type == "cuda" else None,
+             "train": trainer.gen.get_state()})
+
+
+def save_run_checkpoint(trainer, loss: float | None = None) -> tuple[Path, bool]:
+    """Write the trainer's checkpoint: latest.pt (+ step_N.pt, keeping the last `keep_last`) when it is good
+    (`is_good_checkpoint`: finite weights, the losses since the last good one not blown up), else step_N.pt
+    only, so latest.pt and `trainer.last_checkpoint` stay the last good one. Returns (path written, good)."""
+    logged = [r["loss"] for r in trainer.history]
+    recent = [r["loss"] for r in trainer.history if r["step"] > trainer._good_step] + ([loss] if loss is not None else [])
+    good = is_good_checkpoint(trainer.raw_model, recent, logged)
+    path = trainer.folder.save(capture_run_state(trainer), trainer.step, keep_last=trainer.cfg.train.keep_last,
+                               good=good, protect=trainer.last_checkpoint)
+    if good:
+        trainer.last_checkpoint, trainer._good_step = path, trainer.step
+    return path, good
+
+
+def restore_run_state(trainer, path: Path) -> None:
+    """Load `path` into a freshly built trainer so that it continues exactly where the checkpoint was made.
+
+    Refused (CheckpointError, one line) when the checkpoint's network, diffusion (the formulation: schedule,
+    objective, T) or dataset differ from the trainer's. Changed training or data-loading settings apply from
+    the resumed step on; a note in `trainer.notes` lists them.
+    """
+    state = load_checkpoint(path, map_location=trainer.device)
+    saved, cfg = state["config"], trainer.cfg
+    current = {k: plain(getattr(cfg, k).to_dict()) for k in ("unet", "diffusion", "data", "train")}
+    fixed = {"unet": saved["unet"], "diffusion": {**current["diffusion"], **saved["diffusion"]},
+             "data": {"dataset": saved.get("data", {}).get("dataset", cfg.data.dataset)}}
+    diffs = config_differences(fixed, {"unet": current["unet"], "diffusion": current["diffusion"],
+                                       "data": {"dataset": cfg.data.dataset}})
+    if diffs:
+        raise CheckpointError(f"cannot resume {path}: the run was made with another network, diffusion or dataset "
+                              f"({'; '.join(diffs)}). Resume without changing those settings.")
+    load_weights(trainer.raw_model, state["model"], saved["unet"], str(path))
+    trainer.ema.load_state_dict(state["ema"])
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.scheduler.load_state_dict(state["scheduler"])
+    if trainer.scaler.is_enabled() and state["scaler"]:
+        trainer.scaler.load_state_dict(state["scaler"])  # else: amp changed to or from fp16, a fresh scaler
+    trainer.step = trainer._good_step = int(state["step"])
+    trainer.micro_batches_seen = int(state["micro_batches_seen"])
+    loss_sum, steps = state.get("log_interval", (0.0, 0))
+    trainer._interval = [float(loss_sum), int(steps)]
+    torch.set_rng_state(state["rng"]["cpu"].cpu())
+    if state["rng"]["cuda"] is not None and trainer.device.type == "cuda":
+        torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), trainer.device)
+    trainer.gen.set_state(state["rng"]["train"].cpu())
+    trainer.last_checkpoint = path
+    changed = config_differences({k: {**current[k], **saved.get(k, {})} for k in ("data", "train")},
+                                 {k: current[k] for k in ("data", "train")})
+    if changed:  # the new settings apply from here on; the optimizer state keeps its moments
+        _apply_train_settings(trainer.optimizer, trainer.scheduler, cfg.train)
+        trainer.notes.append(f"resuming step {trainer.step} with changed settings, applied from here on: "
+                             + "; ".join(d.replace(": checkpoint ", ": ").replace(" vs now ", " -> ") for d in changed))
+
+
+def _apply_train_settings(optimizer, scheduler, tc) -> None:
+    """Put lr, weight decay and betas of `tc` into a restored optimizer, and the lr schedule of `tc`
+    (its lambda already reads tc's steps and warm-up) at the restored step."""
+    for group in optimizer.param_groups:
+        group.update(initial_lr=tc.lr, weight_decay=tc.weight_decay, betas=tc.betas)
+    scheduler.base_lrs = [tc.lr] * len(optimizer.param_groups)
+    for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * fn(scheduler.last_epoch)
 
 
 # ---- the run folder --------------------------------------------------------------------------

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
-from .config import DataConfig
+from .config import ConfigError, DataConfig
 from .utils import cache_dir, data_root, repo_root
 
 __all__ = [
@@ -920,6 +920,99 @@ def make_loader(ds: Dataset, batch_size: int, *, shuffle: bool, num_workers: int
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=workers,
                       drop_last=drop_last, pin_memory=torch.cuda.is_available(), generator=generator,
                       persistent_workers=workers > 0, worker_init_fn=_seed_worker if workers > 0 else None)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Shuffled indices for one epoch, seeded by (seed, epoch), split across ranks, starting at `skip`.
+
+    Everything is a pure function of its arguments, so a resumed run reads exactly the batches
+    an uninterrupted run would have read.
+    """
+
+    def __init__(self, n: int, *, seed: int, epoch: int, micro_batch: int, rank: int = 0, world: int = 1,
+                 skip_batches: int = 0):
+        self.n, self.seed, self.epoch = n, seed, epoch
+        self.micro_batch, self.rank, self.world, self.skip = micro_batch, rank, world, skip_batches
+        self.batches = n // (micro_batch * world)
+        if self.batches < 1:
+            raise ConfigError(f"TrainConfig.batch_size: the dataset has only {n} images, fewer than one batch "
+                              f"({micro_batch} per process x {world} processes); use a smaller batch_size")
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        perm = torch.randperm(self.n, generator=g)[: self.batches * self.micro_batch * self.world]
+        mine = perm[self.rank::self.world]
+        return iter(mine[self.skip * self.micro_batch:].tolist())
+
+    def __len__(self) -> int:
+        return (self.batches - self.skip) * self.micro_batch
+
+
+IN_MEMORY_LIMIT = 2 * 1024 ** 3  # bytes of float32 images that `materialize` may hold
+
+
+def materialize(ds: Dataset, *, progress: bool = False) -> Dataset:
+    """Decode and resize every image once into a float32 TensorDataset (deterministic transforms only:
+    the trainer does the random flips itself). Skipped, returning `ds`, when it would exceed
+    IN_MEMORY_LIMIT. Saves JPEG decoding and resizing on every epoch, which otherwise starves a GPU."""
+    from torch.utils.data import TensorDataset
+    from tqdm.auto import tqdm
+
+    if isinstance(ds, TensorDataset) or len(ds) == 0:
+        return ds
+    x0, _ = ds[0]
+    if len(ds) * x0.numel() * 4 > IN_MEMORY_LIMIT:
+        return ds
+    loader = make_loader(ds, 256, shuffle=False, drop_last=False, num_workers=default_num_workers())
+    xs, ys = [], []
+    for x, y in tqdm(loader, desc="caching images in memory", disable=not progress, leave=False):
+        xs.append(x.float())
+        ys.append(torch.as_tensor(y).long())
+    out = TensorDataset(torch.cat(xs), torch.cat(ys))
+    out.channels = int(x0.shape[0])
+    return out
+
+
+class TrainBatches:
+    """The training batch stream: endless micro-batches (images, labels) of one rank, starting at micro-batch
+    `start`, identical across resumes (each epoch's order is `EpochSampler`'s, a pure function of the seed and
+    the epoch). Datasets held in memory (`materialize`) are indexed directly, on `device` when it is a GPU;
+    others go through a DataLoader with `num_workers`. Explained in notebooks/03_training.
+    """
+
+    def __init__(self, ds: Dataset, micro_batch: int, *, seed: int, rank: int = 0, world: int = 1,
+                 device: torch.device | str = "cpu", num_workers: int | None = None):
+        self.ds, self.micro_batch, self.seed, self.rank, self.world = ds, micro_batch, seed, rank, world
+        self.num_workers = default_num_workers() if num_workers is None else num_workers
+        self.per_epoch = EpochSampler(len(ds), seed=seed, epoch=0, micro_batch=micro_batch, world=world).batches
+        self._tensors = None
+        if isinstance(ds, torch.utils.data.TensorDataset):
+            images, labels = ds.tensors[:2]
+            if torch.device(device).type == "cuda":
+                images, labels = images.to(device), labels.to(device)
+            self._tensors = (images, labels)
+
+    def stream(self, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Micro-batches from number `start` (counted from the first of epoch 0) on, forever."""
+        seen = start
+        while True:
+            epoch, skip = divmod(seen, self.per_epoch)
+            sampler = EpochSampler(len(self.ds), seed=self.seed, epoch=epoch, micro_batch=self.micro_batch,
+                                   rank=self.rank, world=self.world, skip_batches=skip)
+            if self._tensors is not None:
+                images, labels = self._tensors
+                # the epoch's order goes to the device once, not one pageable copy per micro-batch
+                order = torch.tensor(list(sampler), dtype=torch.long).to(images.device)
+                for i in range(0, len(order) - self.micro_batch + 1, self.micro_batch):
+                    idx = order[i:i + self.micro_batch]
+                    yield images[idx], labels[idx]
+            else:
+                # an explicit generator keeps the loader from drawing on the global RNG (dropout's)
+                loader = make_loader(self.ds, self.micro_batch, shuffle=False, num_workers=self.num_workers,
+                                     drop_last=True, sampler=sampler,
+                                     generator=torch.Generator().manual_seed(self.seed + epoch))
+                yield from loader
+            seen = (epoch + 1) * self.per_epoch
 
 
 def infinite_batches(loader: DataLoader) -> Iterator:

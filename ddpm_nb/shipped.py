@@ -33,7 +33,7 @@ LESSON_DATA = {"fashion-mnist": {"data.dataset": "fashion-mnist", "unet.num_clas
 
 def pretrained_path(name: str) -> Path:
     """The checkpoint file of a shipped model; one clear error for an unknown or missing name."""
-    from .train import CheckpointError
+    from .checkpoint import CheckpointError
 
     if name not in PRETRAINED:
         raise CheckpointError(f"no shipped model named {name!r}; available: {', '.join(PRETRAINED)}")
@@ -52,7 +52,7 @@ def pretrained_info(name: str) -> dict:
 
 def pretrained(name: str, *, device=None, ema: bool = True):
     """(model, diffusion, RunConfig) of a shipped model, in eval mode on `device` (default: best)."""
-    from .train import load_model
+    from .checkpoint import load_model
 
     return load_model(pretrained_path(name), ema=ema, device=device)
 
@@ -65,7 +65,7 @@ def lesson_model(dataset: str, *, device=None, tiny: bool = False, fallback_dir=
     `fallback_dir` instead, so that every cell of a lesson still runs in CI; its samples are blobs.
     A second call reuses that finished run. Without `tiny`, the error says how to get the model back.
     """
-    from .train import CheckpointError
+    from .checkpoint import CheckpointError
 
     if dataset not in LESSON_MODELS:
         raise ValueError(f"DATASET must be one of {sorted(LESSON_MODELS)}, got {dataset!r}")

@@ -19,37 +19,18 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm.auto import tqdm
 
-from . import __version__
-from .checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError, RunFolder, RunInUseError,
-                         is_good_checkpoint,
-                         config_differences as _config_differences, export_weights, load_checkpoint, load_model,
-                         load_weights as _load_weights, plain as _plain, save_checkpoint)
+from .checkpoint import RunFolder, restore_run_state, save_run_checkpoint
 from .config import ConfigError, RunConfig
+from .data import TrainBatches, dataset_channels, default_num_workers, make_loader, materialize, train_val_datasets
 from .diffusion import GaussianDiffusion, drop_labels
 from .sample import device_generator
 from .sample import sample as draw_samples
 from .unet import UNet, count_parameters
-from .utils import TrainProgress, pick_device, progress_mode, results_dir, save_image
+from .utils import TrainProgress, make_grid, pick_device, progress_mode, results_dir, save_image
 
-__all__ = [
-    "CHECKPOINT_FORMAT",
-    "CHECKPOINT_VERSION",
-    "CheckpointError",
-    "RunInUseError",
-    "TrainingDivergedError",
-    "EMA",
-    "resolve_amp",
-    "cpu_native_bf16",
-    "lr_factor",
-    "save_checkpoint",
-    "load_checkpoint",
-    "load_model",
-    "export_weights",
-    "EpochSampler",
-    "Trainer",
-]
+__all__ = ["TrainingDivergedError", "EMA", "resolve_amp", "cpu_native_bf16", "lr_factor", "due", "Trainer"]
+
 
 class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite; the weights were not updated with it."""
@@ -157,77 +138,32 @@ def lr_factor(step: int, *, warmup: int, total: int, schedule: str, min_ratio: f
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-class EpochSampler(torch.utils.data.Sampler):
-    """Shuffled indices for one epoch, seeded by (seed, epoch), split across ranks, starting at `skip`.
-
-    Everything is a pure function of its arguments, so a resumed run reads exactly the batches
-    an uninterrupted run would have read.
-    """
-
-    def __init__(self, n: int, *, seed: int, epoch: int, micro_batch: int, rank: int = 0, world: int = 1,
-                 skip_batches: int = 0):
-        self.n, self.seed, self.epoch = n, seed, epoch
-        self.micro_batch, self.rank, self.world, self.skip = micro_batch, rank, world, skip_batches
-        self.batches = n // (micro_batch * world)
-        if self.batches < 1:
-            raise ConfigError(f"TrainConfig.batch_size: the dataset has only {n} images, fewer than one batch "
-                              f"({micro_batch} per process x {world} processes); use a smaller batch_size")
-
-    def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        perm = torch.randperm(self.n, generator=g)[: self.batches * self.micro_batch * self.world]
-        mine = perm[self.rank::self.world]
-        return iter(mine[self.skip * self.micro_batch:].tolist())
-
-    def __len__(self) -> int:
-        return (self.batches - self.skip) * self.micro_batch
-
-
-def _apply_train_settings(optimizer, scheduler, tc) -> None:
-    """Put lr, weight decay and betas of `tc` into a restored optimizer, and the lr schedule of `tc`
-    (its lambda already reads tc's steps and warm-up) at the restored step."""
-    for group in optimizer.param_groups:
-        group.update(initial_lr=tc.lr, weight_decay=tc.weight_decay, betas=tc.betas)
-    scheduler.base_lrs = [tc.lr] * len(optimizer.param_groups)
-    for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-        group["lr"] = base * fn(scheduler.last_epoch)
-
-
-# ---- distributed helpers ---------------------------------------------------------------------
-def _dist_env() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank), from torchrun's environment variables."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+def due(step: int, every: int, *, end: bool = False) -> bool:
+    """The one rule of periodic work (logging, evaluation, sample grids, checkpoints, the NaN check): at every
+    `every`-th step, and at the end (`end`); `every = 0` means never except at the end."""
+    return end or (every > 0 and step % every == 0)
 
 
 # ---- the trainer -----------------------------------------------------------------------------
 class Trainer:
-    """Train a UNet with DDPM's objective. `Trainer(cfg).train()` runs `cfg.train.steps` steps.
+    """Train a UNet with the diffusion's objective. `Trainer(cfg).train()` runs `cfg.train.steps` steps.
 
-    resume=True continues from `run_dir/checkpoints/latest.pt` exactly (weights, optimizer,
-    scaler, LR schedule, EMA, RNG states, data position). `on_log(trainer, row)` is called on every
-    log row (notebooks use it for live plots); a row's loss is the mean over its log interval.
-    `progress`: True = a bar in a terminal or notebook, one plain line per log row when the output
-    is a file or pipe; 'bar', 'lines' or False (silent) force one (see utils.TrainProgress).
-    Under `torchrun` it uses DistributedDataParallel.
+    resume=True continues from `run_dir/checkpoints/latest.pt` exactly (weights, optimizer, scaler, LR
+    schedule, EMA, RNG states, data position: `checkpoint.restore_run_state`). `on_log(trainer, row)` is called
+    on every log row (notebooks use it for live plots); a row's loss is the mean over its log interval.
+    `progress`: True = a bar in a terminal or notebook, one plain line per log row when the output is a file
+    or pipe; 'bar', 'lines' or False (silent) force one (see utils.TrainProgress).
+    Under `torchrun` it uses DistributedDataParallel. Explained in notebooks/03_training.
     """
 
+    # ---- build ------------------------------------------------------------------------------
     def __init__(self, cfg: RunConfig, *, run_dir: str | os.PathLike | None = None, device=None,
                  resume: bool = False, progress: bool | str = True, on_log: Callable | None = None,
                  train_dataset=None, val_dataset=None):
         self.cfg, self.progress, self.on_log = cfg, progress, on_log
         tc = cfg.train
-        self.rank, self.world, local_rank = _dist_env()
-        self.distributed = self.world > 1
-        if self.distributed and not dist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            dist.init_process_group(backend)
-        if device is None and self.distributed and torch.cuda.is_available():
-            device = f"cuda:{local_rank}"
-        self.device = torch.device(device) if device is not None else pick_device()
-        if self.device.type == "cuda" and self.device.index is not None:
-            torch.cuda.set_device(self.device)
-        self.is_main = self.rank == 0
-
+        self.rank, self.world, self.device = _dist_setup(device)
+        self.distributed, self.is_main = self.world > 1, self.rank == 0
         if tc.batch_size % (tc.grad_accum * self.world):
             raise ConfigError(f"TrainConfig.batch_size={tc.batch_size} must be divisible by grad_accum x processes "
                               f"= {tc.grad_accum} x {self.world}")
@@ -238,10 +174,9 @@ class Trainer:
         self.run_dir, self.ckpt_dir = self.folder.path, self.folder.ckpt_dir
         if self.is_main:
             self.folder.open(resume=resume)
-
         self._setup_data(train_dataset, val_dataset)
 
-        # model, EMA, optimizer
+        # model, EMA, diffusion, precision, optimizer, LR schedule
         torch.manual_seed(tc.seed)
         self.raw_model = UNet(cfg.unet).to(self.device)
         if tc.channels_last:
@@ -260,183 +195,60 @@ class Trainer:
         self._deferred_guard = fused and not use_scaler
         self._first_nonfinite = torch.full((), -1, dtype=torch.long, device=self.device)  # step, or -1
         self._nonfinite_loss = torch.zeros((), device=self.device)
-        self._sample_dtype = torch.bfloat16 if tc.sample_amp == "auto" and \
-            resolve_amp("auto", self.device)[0] == torch.bfloat16 else None
+        native_bf16 = resolve_amp("auto", self.device)[0] == torch.bfloat16
+        self._sample_dtype = torch.bfloat16 if tc.sample_amp == "auto" and native_bf16 else None
         _set_cudnn_benchmark(self.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, warmup=tc.warmup_steps, total=tc.steps,
                                                 schedule=tc.lr_schedule, min_ratio=tc.min_lr_ratio))
-        model = self.raw_model
-        if self.distributed:
-            model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        model = nn.parallel.DistributedDataParallel(self.raw_model, device_ids=[self.device.index] if self.device.type
+                                                    == "cuda" else None) if self.distributed else self.raw_model
         self.model = torch.compile(model) if tc.compile else model
         self.gen = torch.Generator(device=self.device).manual_seed(tc.seed * 1000 + self.rank)
 
-        self.step = 0
-        self.micro_batches_seen = 0
+        # where the run stands (all of it checkpointed: checkpoint.capture_run_state)
+        self.step = self._good_step = self.micro_batches_seen = 0
+        self._interval = [0.0, 0]  # loss sum and steps of the open log interval: a resume logs alike
         self.history: list[dict] = []
-        self._interval = [0.0, 0]  # loss sum and steps of the open log interval (checkpointed: resume logs alike)
         self.val_history: list[dict] = []
         self.last_checkpoint: Path | None = None  # the last good checkpoint (see save_checkpoint)
-        self._good_step = 0
         self.notes: list[str] = []  # one line each, printed by the main process: what changed and why
         if resume and self.folder.latest.exists():
-            self._resume(self.folder.latest)
+            restore_run_state(self, self.folder.latest)
+            if self.is_main:
+                self.folder.trim_logs(self.step)  # rows of an attempt that never reached its next checkpoint
+                self.history.extend(self.folder.log.rows())
+                self.val_history.extend(self.folder.val.rows())
         elif self.is_main:
             if resume:
                 self.notes.append(f"no run to resume in {self.run_dir}; starting a fresh one")
             self.folder.trim_logs(0)  # a fresh run: no rows from an earlier attempt that never checkpointed
-            self.folder.write_config(cfg)
         if self.is_main:
-            for note in self.notes:
-                print(f"note: {note}", file=sys.stderr)
-        self._tb = None
-        if self.is_main:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step or None)
-            except Exception:  # tensorboard not installed: CSV only
-                self._tb = None
+            self.folder.write_config(cfg)  # what actually runs from here on
+            print("".join(f"note: {note}\n" for note in self.notes), end="", file=sys.stderr)
+        self._tb = _tensorboard(self.run_dir, self.step) if self.is_main else None
 
-    # ---- state ------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "version": CHECKPOINT_VERSION,
-            "ddpm_nb_version": __version__,
-            "config": _plain(self.cfg.to_dict()),
-            "step": self.step,
-            "micro_batches_seen": self.micro_batches_seen,
-            "log_interval": [float(self._interval[0]), int(self._interval[1])],
-            "model": self.raw_model.state_dict(),
-            "ema": self.ema.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "rng": {
-                "cpu": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
-                "train": self.gen.get_state(),
-            },
-        }
-
-    def save_checkpoint(self, loss: float | None = None) -> Path | None:
-        """Write checkpoints/latest.pt (+ step_N.pt, keeping the last `keep_last`). Main process only.
-
-        Only a good checkpoint (finite weights, recent loss `loss` and logged rows not blown up)
-        replaces latest.pt and becomes `last_checkpoint`, the one the NaN guard names; it is kept
-        out of rotation until a newer good one exists.
-        """
-        if not self.is_main:
-            return None
-        good = self._healthy(loss)
-        path = self.folder.save(self.state_dict(), self.step, keep_last=self.cfg.train.keep_last, good=good,
-                                protect=self.last_checkpoint)
-        if good:
-            self.last_checkpoint = path
-            self._good_step = self.step
-        else:
-            print(f"note: step {self.step}: the loss blew up or the weights are not finite; checkpoint written as "
-                  f"{path.name} only, latest.pt stays the last good one ({self.last_checkpoint or 'none yet'})",
-                  file=sys.stderr)
-        return path
-
-    def _healthy(self, loss: float | None) -> bool:
-        losses = [r["loss"] for r in self.history if r["step"] > self._good_step] + ([loss] if loss is not None else [])
-        return is_good_checkpoint(self.raw_model, losses, [r["loss"] for r in self.history])
-
-    def _resume(self, path: Path) -> None:
-        state = load_checkpoint(path, map_location=self.device)
-        saved = state["config"]
-        diffs = _config_differences(saved["unet"], _plain(self.cfg.unet.to_dict()))
-        diffs += _config_differences(saved["diffusion"], _plain(self.cfg.diffusion.to_dict()))
-        if diffs:
-            raise CheckpointError(f"cannot resume {path}: the run was made with another network or diffusion "
-                                  f"setting ({'; '.join(diffs)}). Resume without changing those settings.")
-        _load_weights(self.raw_model, state["model"], saved["unet"], str(path))
-        self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler.is_enabled() and state["scaler"]:
-            self.scaler.load_state_dict(state["scaler"])  # else: amp changed to or from fp16, a fresh scaler
-        self.step = self._good_step = int(state["step"])
-        self.micro_batches_seen = int(state["micro_batches_seen"])
-        loss_sum, steps = state.get("log_interval", (0.0, 0))
-        self._interval = [float(loss_sum), int(steps)]
-        torch.set_rng_state(state["rng"]["cpu"].cpu())
-        if state["rng"]["cuda"] is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), self.device)
-        self.gen.set_state(state["rng"]["train"].cpu())
-        self.last_checkpoint = path
-        changed = _config_differences({k: saved.get(k, {}) for k in ("data", "train")},
-                                      {k: _plain(getattr(self.cfg, k).to_dict()) for k in ("data", "train")})
-        if changed:  # the new settings apply from here on; the optimizer state keeps its moments
-            _apply_train_settings(self.optimizer, self.scheduler, self.cfg.train)
-            self.notes.append(f"resuming step {self.step} with changed settings, applied from here on: "
-                              + "; ".join(d.replace(": checkpoint ", ": ").replace(" vs now ", " -> ")
-                                          for d in changed))
-        if self.is_main:
-            self.folder.trim_logs(self.step)
-            self.folder.write_config(self.cfg)  # what actually runs from here on
-            self.history.extend(self.folder.log.rows())
-            self.val_history.extend(self.folder.val.rows())
-
-    # ---- data -------------------------------------------------------------------------------
     def _setup_data(self, train_dataset, val_dataset) -> None:
-        """The datasets (built from cfg.data unless given), cached in memory when asked. Flips happen in
-        `_prepare` with our own generator, so the datasets themselves are deterministic."""
-        from . import data as data_mod
-
+        """The datasets (built from cfg.data unless given), cached in memory when asked, and the batch stream.
+        Flips happen in `_prepare` with our own generator, so the datasets themselves are deterministic."""
         cfg = self.cfg
-        data_cfg = cfg.data.replace(hflip=False)
         if train_dataset is None:
-            train_dataset, val_dataset = data_mod.train_val_datasets(data_cfg, cfg.unet.image_size)
+            train_dataset, val_dataset = train_val_datasets(cfg.data.replace(hflip=False), cfg.unet.image_size)
         self.train_ds, self.val_ds = train_dataset, val_dataset
         if cfg.data.in_memory:
-            self.train_ds = _materialize(self.train_ds, progress=progress_mode(self.progress) == "bar" and self.is_main)
+            self.train_ds = materialize(self.train_ds, progress=progress_mode(self.progress) == "bar" and self.is_main)
             if self.val_ds is not None:
-                self.val_ds = _materialize(self.val_ds, progress=False)
-        self._tensors = None
-        if isinstance(self.train_ds, torch.utils.data.TensorDataset):
-            images, labels = self.train_ds.tensors[:2]
-            if self.device.type == "cuda":
-                images, labels = images.to(self.device), labels.to(self.device)
-            self._tensors = (images, labels)
-        channels = data_mod.dataset_channels(self.train_ds)
+                self.val_ds = materialize(self.val_ds, progress=False)
+        channels = dataset_channels(self.train_ds)
         if channels != cfg.unet.in_channels:
             raise ConfigError(f"UNetConfig.in_channels={cfg.unet.in_channels} but the dataset "
                               f"{cfg.data.dataset!r} has {channels} channel(s); set unet.in_channels={channels}")
-        self.num_workers = cfg.data.num_workers if cfg.data.num_workers is not None \
-            else data_mod.default_num_workers()
-
-    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Endless micro-batches starting at `micro_batches_seen`, identical across resumes."""
-        from .data import make_loader
-
-        n = len(self.train_ds)
-        per_epoch = EpochSampler(n, seed=self.cfg.train.seed, epoch=0, micro_batch=self.micro_batch,
-                                 world=self.world).batches
-        while True:
-            epoch, skip = divmod(self.micro_batches_seen, per_epoch)
-            sampler = EpochSampler(n, seed=self.cfg.train.seed, epoch=epoch, micro_batch=self.micro_batch,
-                                   rank=self.rank, world=self.world, skip_batches=skip)
-            if self._tensors is not None:  # in memory (on the GPU when training there): index directly
-                images, labels = self._tensors
-                # the epoch's order goes to the device once, not one pageable copy per micro-batch
-                order = torch.tensor(list(sampler), dtype=torch.long).to(images.device)
-                for i in range(0, len(order) - self.micro_batch + 1, self.micro_batch):
-                    idx = order[i:i + self.micro_batch]
-                    yield images[idx], labels[idx]
-                continue
-            # an explicit generator keeps the loader from drawing on the global RNG (dropout's)
-            loader = make_loader(self.train_ds, self.micro_batch, shuffle=False, num_workers=self.num_workers,
-                                 drop_last=True, sampler=sampler,
-                                 generator=torch.Generator().manual_seed(self.cfg.train.seed + epoch))
-            for x, y in loader:
-                yield x, y
+        workers = cfg.data.num_workers if cfg.data.num_workers is not None else default_num_workers()
+        self.batches = TrainBatches(self.train_ds, self.micro_batch, seed=cfg.train.seed, rank=self.rank,
+                                    world=self.world, device=self.device, num_workers=workers)
 
     def _prepare(self, x: torch.Tensor, y: torch.Tensor):
+        """A micro-batch on the device: random flips, then classifier-free guidance's label dropout."""
         x = x.to(self.device, non_blocking=True).float()
         if self.cfg.data.hflip:
             flip = torch.rand(x.shape[0], generator=self.gen, device=self.device) < 0.5
@@ -444,25 +256,20 @@ class Trainer:
         if self.cfg.train.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = y.to(self.device).long() if self.cfg.data.class_cond else None
-        if y is not None and self.cfg.unet.num_classes:  # classifier-free guidance training
+        if y is not None and self.cfg.unet.num_classes:
             y = drop_labels(y, self.cfg.train.label_dropout, self.cfg.unet.num_classes, self.gen)
         return x, y
 
     # ---- one step ---------------------------------------------------------------------------
     def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+        amp = self.amp_dtype is not None
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype) if amp else contextlib.nullcontext()
 
     def train_step(self, batches: Iterator) -> dict:
-        """One optimizer step over `grad_accum` micro-batches. Returns {'loss', 'grad_norm', 'lr'}:
-        loss and grad_norm are 0-d tensors on the device (`float()` them when you need the numbers; on a
-        GPU that waits for the step, so the trainer does it only at the log interval), lr a float.
-
-        A non-finite loss never updates the weights or the optimizer state. With a fused AdamW and no
-        GradScaler the check stays on the device and `check_finite` raises at the next log, eval, sample
-        or checkpoint step; otherwise this step raises `TrainingDivergedError` at once.
-        """
+        """One optimizer step over `grad_accum` micro-batches: {'loss', 'grad_norm'} as 0-d device tensors
+        (reading them waits for a GPU, so the loop does it only at the log interval) and 'lr'. A non-finite
+        loss never updates the weights: fused AdamW without a GradScaler skips the update on the device and
+        `check_finite` raises at the next periodic step; otherwise this step raises `TrainingDivergedError`."""
         tc = self.cfg.train
         self.model.train()
         total = torch.zeros((), device=self.device)
@@ -484,11 +291,9 @@ class Trainer:
             self._first_nonfinite = torch.where(new, self.step, self._first_nonfinite)
             self._nonfinite_loss = torch.where(new, total, self._nonfinite_loss)
             self.optimizer.found_inf = (self._first_nonfinite >= 0).float()
-        else:
-            loss_value = total.item()
-            if not math.isfinite(loss_value):
-                self.optimizer.zero_grad(set_to_none=True)
-                self._diverged(loss_value, self.step)
+        elif not math.isfinite(loss_value := total.item()):
+            self.optimizer.zero_grad(set_to_none=True)
+            self._diverged(loss_value, self.step)
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(),
                                                    tc.grad_clip if tc.grad_clip else float("inf"))
@@ -503,57 +308,19 @@ class Trainer:
 
     def check_finite(self) -> None:
         """Raise `TrainingDivergedError` if a step since the start had a non-finite loss (one device sync)."""
-        step = int(self._first_nonfinite)
-        if step >= 0:
+        if (step := int(self._first_nonfinite)) >= 0:
             self._diverged(float(self._nonfinite_loss), step)
 
     def _diverged(self, loss_value: float, step: int):
-        where = self.last_checkpoint or "none yet"
         raise TrainingDivergedError(
             f"loss became {loss_value} at step {step}; the weights were not updated with it. Last good "
-            f"checkpoint: {where}. Lower train.lr, keep train.grad_clip on, or try train.amp='bf16' or 'off', "
-            "then resume.")
+            f"checkpoint: {self.last_checkpoint or 'none yet'}. Lower train.lr, keep train.grad_clip on, or try "
+            "train.amp='bf16' or 'off', then resume.")
 
     # ---- periodic work ----------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self) -> dict:
-        """Validation loss of the online and EMA weights, and per quartile of t (online).
-
-        t and noise come from a fixed generator, so values are comparable across steps.
-        """
-        if self.val_ds is None or len(self.val_ds) == 0:
-            return {}
-        from .data import make_loader
-
-        tc, T = self.cfg.train, self.diffusion.timesteps
-        g = torch.Generator().manual_seed(12345)
-        loader = make_loader(self.val_ds, min(self.micro_batch, len(self.val_ds)), shuffle=False, num_workers=0,
-                             drop_last=False, generator=torch.Generator().manual_seed(0))
-        sums = {"online": 0.0, "ema": 0.0}
-        buckets, counts, n = torch.zeros(4), torch.zeros(4), 0
-        for i, (x, y) in enumerate(loader):
-            if i >= tc.eval_batches:
-                break
-            x = x.to(self.device).float()
-            y = y.to(self.device).long() if self.cfg.data.class_cond else None
-            t = self.diffusion.sample_timesteps(x.shape[0], self.device, g)  # the same t and eps for both nets
-            noise = torch.randn(x.shape, generator=g).to(self.device)
-            for name, net in (("online", self.raw_model), ("ema", self.ema.model)):
-                was = net.training
-                net.eval()
-                with self._autocast():
-                    per = self.diffusion.training_losses(net, x, y, t=t, noise=noise, input_perturbation=0.0).cpu()
-                net.train(was)
-                sums[name] += per.sum().item()
-                if name == "online":
-                    q = (t.cpu() * 4 // T).clamp(max=3)
-                    buckets.index_add_(0, q, per)
-                    counts.index_add_(0, q, torch.ones_like(per))
-            n += x.shape[0]
-        row = {"step": self.step, "val_loss": sums["online"] / n, "val_loss_ema": sums["ema"] / n}
-        for k in range(4):
-            row[f"q{k + 1}"] = (buckets[k] / counts[k]).item() if counts[k] else float("nan")
-        return row
+        """Validation losses of the online and EMA weights at this step (`validation_losses`), or {}."""
+        return {"step": self.step, **validation_losses(self)} if self.val_ds is not None and len(self.val_ds) else {}
 
     @torch.no_grad()
     def sample(self, n: int | None = None, *, ema: bool = True, method: str = "ddim", steps: int | None = None,
@@ -578,63 +345,83 @@ class Trainer:
             out.append(save_image(images, self.run_dir / "samples" / f"step_{self.step:07d}_{tag}.png",
                                   scale=2 if self.cfg.unet.image_size < 64 else 1))
             if self._tb is not None:
-                from .utils import make_grid
                 self._tb.add_image(f"samples/{tag}", make_grid(images), self.step, dataformats="HWC")
         return out
 
+    def save_checkpoint(self, loss: float | None = None) -> Path | None:
+        """Write checkpoints/latest.pt (+ step_N.pt) when good, else step_N.pt only (main process only; see
+        `checkpoint.save_run_checkpoint`)."""
+        if not self.is_main:
+            return None
+        path, good = save_run_checkpoint(self, loss)
+        if not good:
+            print(f"note: step {self.step}: the loss blew up or the weights are not finite; checkpoint written as "
+                  f"{path.name} only, latest.pt stays the last good one ({self.last_checkpoint or 'none yet'})",
+                  file=sys.stderr)
+        return path
+
+    def _log(self, out: dict, report: TrainProgress, clock: list[float]) -> None:
+        """One log row: the interval's mean loss, images/s since the last row; CSV, TensorBoard, on_log."""
+        tc, now = self.cfg.train, time.perf_counter()
+        out = {**out, "loss": float(out["loss"]), "grad_norm": float(out["grad_norm"])}  # the only syncs
+        row = {"step": self.step, **out, "loss": float(self._interval[0]) / self._interval[1],
+               "images_per_s": (self.step - clock[1]) * tc.batch_size / max(now - clock[0], 1e-9),
+               "time_s": now - clock[2]}
+        clock[:2] = [now, self.step]
+        if due(self.step, tc.log_every):  # a stop mid-interval leaves it open for the resume
+            self._interval = [0.0, 0]
+        report.log(row)
+        self.history.append(row)
+        self.folder.log.append(row)
+        if self._tb is not None:
+            for k in ("loss", "lr", "grad_norm", "images_per_s"):
+                self._tb.add_scalar(f"train/{k}", row[k], self.step)
+        if self.on_log is not None:
+            self.on_log(self, row)
+
+    def _validate(self, report: TrainProgress) -> None:  # one val row: CSV, TensorBoard, a progress note
+        row = self.evaluate()
+        if row:
+            report.note(self.step, f"val loss {row['val_loss']:.4f} (EMA weights {row['val_loss_ema']:.4f})")
+            self.val_history.append(row)
+            self.folder.val.append(row)
+            if self._tb is not None:
+                for k, v in row.items():
+                    if k != "step":
+                        self._tb.add_scalar(f"val/{k}", v, self.step)
+
     # ---- the loop ---------------------------------------------------------------------------
     def train(self, until: int | None = None) -> list[dict]:
-        """Train until step `until` (default: cfg.train.steps). Returns the log rows."""
+        """Train until step `until` (default: cfg.train.steps). Returns the log rows.
+
+        After each step, `due` decides the periodic work: a log row (every `log_every` and at `until`),
+        validation and sample grids (every `eval_every` / `sample_every` and at the final step), a checkpoint
+        (every `ckpt_every` and at `until`), and before any of them the deferred NaN check."""
         tc = self.cfg.train
         until = min(until or tc.steps, tc.steps)
-        batches = self._batches()
+        batches = self.batches.stream(self.micro_batches_seen)
         report = TrainProgress(self.progress if self.is_main else False, total=until, initial=self.step,
                                desc=self.cfg.name)
-        t0, last_step, started = time.perf_counter(), self.step, time.perf_counter()
+        clock = [time.perf_counter(), self.step, time.perf_counter()]  # last row's time and step, the start
         try:
             while self.step < until:
                 out = self.train_step(batches)
                 self._interval[0] += out["loss"]  # a row's loss is its interval's mean (a device tensor until then)
                 self._interval[1] += 1
                 report.update()
-                last = self.step == until
-                if last or any(every and self.step % every == 0
-                               for every in (tc.log_every, tc.eval_every, tc.sample_every, tc.ckpt_every)):
+                step, stop, final = self.step, self.step == until, self.step == tc.steps
+                work = {"log": due(step, tc.log_every, end=stop), "eval": due(step, tc.eval_every, end=final),
+                        "samples": due(step, tc.sample_every, end=final), "ckpt": due(step, tc.ckpt_every, end=stop)}
+                if any(work.values()):
                     self.check_finite()  # the deferred NaN guard, before anything is logged, drawn or saved
-                if self.is_main and (self.step % tc.log_every == 0 or last):
-                    out = {**out, "loss": float(out["loss"]), "grad_norm": float(out["grad_norm"])}  # the only syncs
-                    now = time.perf_counter()
-                    row = {"step": self.step, **out, "loss": float(self._interval[0]) / self._interval[1],
-                           "images_per_s": (self.step - last_step) * tc.batch_size / max(now - t0, 1e-9),
-                           "time_s": now - started}
-                    t0, last_step = now, self.step
-                    if self.step % tc.log_every == 0:  # a stop mid-interval leaves it open for the resume
-                        self._interval = [0.0, 0]
-                    report.log(row)
-                    self.history.append(row)
-                    self.folder.log.append(row)
-                    if self._tb is not None:
-                        for k in ("loss", "lr", "grad_norm", "images_per_s"):
-                            self._tb.add_scalar(f"train/{k}", row[k], self.step)
-                    if self.on_log is not None:
-                        self.on_log(self, row)
-                if self.is_main and ((tc.eval_every and self.step % tc.eval_every == 0) or
-                                     (self.step == tc.steps)):
-                    row = self.evaluate()
-                    if row:
-                        report.note(self.step, f"val loss {row['val_loss']:.4f} (EMA weights {row['val_loss_ema']:.4f})")
-                        self.val_history.append(row)
-                        self.folder.val.append(row)
-                        if self._tb is not None:
-                            for k, v in row.items():
-                                if k != "step":
-                                    self._tb.add_scalar(f"val/{k}", v, self.step)
-                if self.is_main and ((tc.sample_every and self.step % tc.sample_every == 0) or
-                                     self.step == tc.steps):
-                    report.note(self.step, f"samples {self.save_samples()[-1]}")
-                if (tc.ckpt_every and self.step % tc.ckpt_every == 0) or last:
-                    if self.save_checkpoint(loss=out["loss"]) is not None:
-                        report.note(self.step, f"checkpoint {self.ckpt_dir / 'latest.pt'}")
+                if self.is_main and work["log"]:
+                    self._log(out, report, clock)
+                if self.is_main and work["eval"]:
+                    self._validate(report)
+                if self.is_main and work["samples"]:
+                    report.note(step, f"samples {self.save_samples()[-1]}")
+                if work["ckpt"] and self.save_checkpoint(loss=float(out["loss"])) is not None:
+                    report.note(step, f"checkpoint {self.ckpt_dir / 'latest.pt'}")
         finally:
             report.close()
             if self._tb is not None:
@@ -658,6 +445,64 @@ class Trainer:
                 f"amp={self.amp_dtype}, device={self.device}")
 
 
+@torch.no_grad()
+def validation_losses(trainer: Trainer) -> dict:
+    """Validation loss (the plain objective: no input perturbation) of the online and EMA weights, and the
+    online one per quartile of t. t and noise come from a fixed generator, the same for both nets, so the
+    values are comparable across steps."""
+    diffusion, T, g = trainer.diffusion, trainer.diffusion.timesteps, torch.Generator().manual_seed(12345)
+    loader = make_loader(trainer.val_ds, min(trainer.micro_batch, len(trainer.val_ds)), shuffle=False,
+                         num_workers=0, drop_last=False, generator=torch.Generator().manual_seed(0))
+    sums = {"online": 0.0, "ema": 0.0}
+    buckets, counts, n = torch.zeros(4), torch.zeros(4), 0
+    for i, (x, y) in enumerate(loader):
+        if i >= trainer.cfg.train.eval_batches:
+            break
+        x = x.to(trainer.device).float()
+        y = y.to(trainer.device).long() if trainer.cfg.data.class_cond else None
+        t = diffusion.sample_timesteps(x.shape[0], trainer.device, g)
+        noise = torch.randn(x.shape, generator=g).to(trainer.device)
+        for name, net in (("online", trainer.raw_model), ("ema", trainer.ema.model)):
+            was = net.training
+            net.eval()
+            with trainer._autocast():
+                per = diffusion.training_losses(net, x, y, t=t, noise=noise, input_perturbation=0.0).cpu()
+            net.train(was)
+            sums[name] += per.sum().item()
+            if name == "online":
+                q = (t.cpu() * 4 // T).clamp(max=3)
+                buckets.index_add_(0, q, per)
+                counts.index_add_(0, q, torch.ones_like(per))
+        n += x.shape[0]
+    row = {"val_loss": sums["online"] / n, "val_loss_ema": sums["ema"] / n}
+    for k in range(4):
+        row[f"q{k + 1}"] = (buckets[k] / counts[k]).item() if counts[k] else float("nan")
+    return row
+
+
+def _tensorboard(run_dir: Path, step: int):
+    """A TensorBoard writer in run_dir/tb (continuing at `step`), or None when tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+        return SummaryWriter(str(run_dir / "tb"), purge_step=step or None)
+    except Exception:  # tensorboard not installed: CSV only
+        return None
+
+
+def _dist_setup(device) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) under torchrun (joining the process group) or alone (0, 1, device)."""
+    rank, world, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), \
+        int(os.environ.get("LOCAL_RANK", 0))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if device is None and world > 1 and torch.cuda.is_available():
+        device = f"cuda:{local_rank}"
+    device = torch.device(device) if device is not None else pick_device()
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    return rank, world, device
+
+
 def _fused_adamw_devices() -> tuple[str, ...]:
     """Device types with a fused AdamW kernel (torch's own list where it has one)."""
     try:
@@ -671,29 +516,3 @@ def _set_cudnn_benchmark(device: torch.device) -> None:
     """Training shapes are fixed, so let cuDNN time its convolution algorithms once and keep the fastest."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-
-
-IN_MEMORY_LIMIT = 2 * 1024 ** 3  # bytes of float32 images that `_materialize` may hold
-
-
-def _materialize(ds, *, progress: bool = False):
-    """Decode and resize every image once into a float32 TensorDataset (deterministic transforms only:
-    the trainer does the random flips itself). Skipped, returning `ds`, when it would exceed
-    IN_MEMORY_LIMIT. Saves JPEG decoding and resizing on every epoch, which otherwise starves a GPU."""
-    from torch.utils.data import TensorDataset
-
-    if isinstance(ds, TensorDataset) or len(ds) == 0:
-        return ds
-    x0, _ = ds[0]
-    if len(ds) * x0.numel() * 4 > IN_MEMORY_LIMIT:
-        return ds
-    from .data import default_num_workers, make_loader
-
-    loader = make_loader(ds, 256, shuffle=False, drop_last=False, num_workers=default_num_workers())
-    xs, ys = [], []
-    for x, y in tqdm(loader, desc="caching images in memory", disable=not progress, leave=False):
-        xs.append(x.float())
-        ys.append(torch.as_tensor(y).long())
-    out = TensorDataset(torch.cat(xs), torch.cat(ys))
-    out.channels = int(x0.shape[0])
-    return out

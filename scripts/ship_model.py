@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ddpm_nb.shipped import ASSETS, PRETRAINED
-from ddpm_nb.train import export_weights, load_checkpoint
+from ddpm_nb.checkpoint import export_weights, load_checkpoint
 
 
 def main(argv=None) -> None:

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -14,9 +13,11 @@ import torch
 from torch.utils.data import TensorDataset
 
 from ddpm_nb.__main__ import main
-from ddpm_nb.checkpoint import CheckpointError, RunFolder, RunInUseError, load_checkpoint
+from ddpm_nb.checkpoint import (CheckpointError, RunFolder, RunInUseError, load_checkpoint, load_model,
+                                load_weights)
 from ddpm_nb.config import preset
 from ddpm_nb.train import Trainer, TrainingDivergedError
+from ddpm_nb.unet import UNet
 from ddpm_nb.utils import DiskFullError, save_image
 
 
@@ -144,7 +145,7 @@ def test_nan_guard_names_a_checkpoint_from_before_the_blow_up(tmp_path):
     with torch.no_grad():
         tr.raw_model.conv_out.bias.fill_(float("nan"))
     with pytest.raises(TrainingDivergedError, match=r"Last good checkpoint: .*step_0000004\.pt"):
-        tr.train_step(tr._batches())
+        tr.train_step(tr.batches.stream(tr.micro_batches_seen))
         tr.check_finite()  # the guard is read on the device at the next log row (issue 13); here, at once
     state = load_checkpoint(good)
     assert all(torch.isfinite(v).all() and v.abs().max() < 1e3 for v in state["model"].values()
@@ -200,7 +201,6 @@ def test_disk_full_during_checkpoint_keeps_the_previous_one(tmp_path, monkeypatc
 
 
 def test_disk_full_for_images_and_exports_is_one_line(tmp_path, monkeypatch, capsys):
-    import imageio.v3 as iio
 
     monkeypatch.setattr(Path, "write_bytes", _enospc)
     with pytest.raises(DiskFullError, match=r"could not write .*grid\.png.*Nothing was lost"):
@@ -242,3 +242,108 @@ def test_run_folder_rotation_keeps_the_protected_one(tmp_path):
         folder.save(state, step, keep_last=1, protect=first)
     assert sorted(p.name for p in folder.ckpt_dir.glob("step_*.pt")) == ["step_0000001.pt", "step_0000003.pt"]
     folder.release()
+
+
+# ---- the checkpoint file -------------------------------------------------------------------------------
+def test_checkpoint_is_weights_only_and_complete(tmp_path):
+    tr = _trainer(tmp_path / "run", _cfg(**{"train.steps": 4, "train.sample_every": 4}))
+    tr.train()
+    path = tmp_path / "run" / "checkpoints" / "latest.pt"
+    state = torch.load(path, weights_only=True)
+    assert state["format"] == "ddpm_nb-checkpoint" and state["version"] == 1 and state["step"] == 4
+    assert {"model", "ema", "optimizer", "scheduler", "scaler", "rng", "config"} <= set(state)
+    assert (tmp_path / "run" / "checkpoints" / "step_0000004.pt").exists()
+    model, diffusion, cfg = load_model(path, device="cpu")
+    assert cfg.unet == tr.cfg.unet and not model.training
+    for p1, p2 in zip(model.parameters(), tr.ema.model.parameters()):
+        assert torch.equal(p1, p2)
+
+
+def test_checkpoint_rotation_keeps_last_k(tmp_path):
+    tr = _trainer(tmp_path / "run", _cfg(**{"train.steps": 8, "train.ckpt_every": 2, "train.keep_last": 2}))
+    tr.train()
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*.pt"))
+    assert kept == ["step_0000006.pt", "step_0000008.pt"]
+
+
+def test_crash_during_checkpoint_write_keeps_previous_latest(tmp_path, monkeypatch):
+    tr = _trainer(tmp_path / "run", _cfg(**{"train.steps": 8}))
+    tr.train(until=4)
+    latest = tmp_path / "run" / "checkpoints" / "latest.pt"
+    before = latest.read_bytes()
+
+    real_write = Path.write_bytes
+
+    def crashing_write(self, data):  # half the new checkpoint reaches the disk, then the process dies
+        real_write(self, bytes(data)[: len(data) // 2])
+        raise OSError("simulated crash")
+
+    monkeypatch.setattr(Path, "write_bytes", crashing_write)
+    tr.train_step(tr.batches.stream(tr.micro_batches_seen))
+    with pytest.raises(OSError, match="simulated crash"):
+        tr.save_checkpoint()
+    monkeypatch.undo()
+    assert latest.read_bytes() == before
+    assert load_checkpoint(latest)["step"] == 4
+    assert not [p for p in latest.parent.iterdir() if ".tmp" in p.name]
+
+
+def test_bad_checkpoints_give_one_clear_error(tmp_path):
+    tr = _trainer(tmp_path / "run", _cfg(**{"train.steps": 4, "train.sample_every": 4}))
+    tr.train()
+    good = tmp_path / "run" / "checkpoints" / "latest.pt"
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated, corrupt"):
+        load_checkpoint(truncated)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(CheckpointError, match="not a ddpm_nb checkpoint"):
+        load_checkpoint(foreign)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(os.urandom(1000))
+    with pytest.raises(CheckpointError, match="not a readable"):
+        load_checkpoint(junk)
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        load_checkpoint(tmp_path / "missing.pt")
+    # a checkpoint loaded into a network with other channels
+    state = load_checkpoint(good)
+    rgb = UNet(tr.cfg.unet.replace(in_channels=3))
+    with pytest.raises(CheckpointError, match="in_channels: checkpoint 1 vs now 3"):
+        load_weights(rgb, state["model"], state["config"]["unet"], str(good))
+    # resuming with a changed network
+    bigger = tr.cfg.override({"unet.base_channels": 32})
+    with pytest.raises(CheckpointError, match="base_channels"):
+        _trainer(tmp_path / "run", bigger, resume=True)
+
+
+def test_a_checkpoint_written_before_the_trainer_split_still_resumes_and_samples(tmp_path):
+    """tests/data/checkpoint_v1_tiny.pt was written by the trainer of commit ebe8d39 (format version 1, before
+    label_dropout and input_perturbation existed): it loads, samples and resumes with today's defaults."""
+    old = Path(__file__).parent / "data" / "checkpoint_v1_tiny.pt"
+    state = load_checkpoint(old)
+    assert state["version"] == 1 and "label_dropout" not in state["config"]["train"]
+    model, diffusion, cfg = load_model(old, device="cpu")
+    assert cfg.train.label_dropout == 0.1 and cfg.diffusion.input_perturbation == 0.0
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "latest.pt").write_bytes(old.read_bytes())
+    tr = Trainer(cfg.override({"train.steps": 4}), run_dir=run, device="cpu", resume=True, progress=False,
+                 train_dataset=_data(), val_dataset=_data(16, seed=1))
+    # the only change reported is the one made: fields the old file lacks take their defaults silently
+    assert tr.step == 2 and tr.notes == ["resuming step 2 with changed settings, applied from here on: "
+                                         "train.steps: 2 -> 4"]
+    for p1, p2 in zip(tr.raw_model.state_dict().values(), state["model"].values()):
+        assert torch.equal(p1, p2)
+    tr.train()
+    assert tr.step == 4 and load_checkpoint(run)["step"] == 4
+
+
+def test_resuming_with_another_dataset_or_formulation_is_refused(tmp_path):
+    run = tmp_path / "run"
+    _trainer(run, _cfg(**{"train.steps": 4})).train()
+    for change, name in (({"data.dataset": "flowers102"}, "data.dataset"),
+                         ({"diffusion.objective": "v"}, "diffusion.objective")):
+        with pytest.raises(CheckpointError, match=rf"cannot resume .*another network, diffusion or dataset "
+                                                  rf"\({name}: checkpoint"):
+            _trainer(run, _cfg(**{"train.steps": 8, **change}), resume=True)

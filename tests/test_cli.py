@@ -12,7 +12,7 @@ import yaml
 import torch
 
 from ddpm_nb.__main__ import build_config, make_parser, main
-from ddpm_nb.train import load_checkpoint
+from ddpm_nb.checkpoint import load_checkpoint
 
 
 def _env(tmp_path):

@@ -133,3 +133,54 @@ def test_training_loss_decreases_on_one_batch():
         loss.backward()
         opt.step()
     assert loss.item() < 0.5 * first
+
+
+class _Spy(torch.nn.Module):
+    """Records the network input and returns zeros, so the per-sample loss is the target's mean square."""
+
+    def forward(self, x, t, y=None):
+        self.x_t, self.t = x.clone(), t.clone()
+        return torch.zeros_like(x)
+
+
+def test_training_losses_draws_t_then_eps_from_its_generator():
+    d = GaussianDiffusion(DiffusionConfig(timesteps=50))
+    x0 = torch.rand(6, 1, 4, 4) * 2 - 1
+    spy = _Spy()
+    per = d.training_losses(spy, x0, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)  # the documented order, replayed by hand
+    t = torch.randint(0, 50, (6,), generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    abar = d.schedule.alphas_cumprod[t].reshape(-1, 1, 1, 1).float()
+    torch.testing.assert_close(spy.t, t)
+    torch.testing.assert_close(spy.x_t, abar.sqrt() * x0 + (1 - abar).sqrt() * eps)
+    torch.testing.assert_close(per, eps.pow(2).flatten(1).mean(1))  # zero output: the loss is |eps|^2
+
+
+def test_input_perturbation_perturbs_the_input_not_the_target():
+    gamma = 0.1
+    d = GaussianDiffusion(DiffusionConfig(timesteps=50, input_perturbation=gamma))
+    x0 = torch.rand(6, 1, 4, 4) * 2 - 1
+    spy = _Spy()
+    per = d.training_losses(spy, x0, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    t = torch.randint(0, 50, (6,), generator=g)
+    eps, xi = torch.randn(x0.shape, generator=g), torch.randn(x0.shape, generator=g)
+    abar = d.schedule.alphas_cumprod[t].reshape(-1, 1, 1, 1).float()
+    torch.testing.assert_close(spy.x_t, abar.sqrt() * x0 + (1 - abar).sqrt() * (eps + gamma * xi))
+    torch.testing.assert_close(per, eps.pow(2).flatten(1).mean(1))   # the target stays eps
+    plain = d.training_losses(spy, x0, generator=torch.Generator().manual_seed(3), input_perturbation=0.0)
+    torch.testing.assert_close(spy.x_t, abar.sqrt() * x0 + (1 - abar).sqrt() * eps)  # evaluation: switched off
+    torch.testing.assert_close(plain, per)
+    with pytest.raises(ValueError, match=r"DiffusionConfig.input_perturbation: must be in \[0, 1\]"):
+        DiffusionConfig(input_perturbation=-0.1)
+
+
+def test_drop_labels_replaces_with_the_null_class():
+    from ddpm_nb.diffusion import drop_labels
+
+    y = torch.arange(10).repeat(100)
+    out = drop_labels(y, 0.3, 10, torch.Generator().manual_seed(0))
+    u = torch.rand(1000, generator=torch.Generator().manual_seed(0))  # one uniform per label, in order
+    torch.testing.assert_close(out, torch.where(u < 0.3, torch.full_like(y, 10), y))
+    assert torch.equal(drop_labels(y, 0.0, 10), y)

@@ -109,7 +109,7 @@ def test_budgets_fit_the_device_limits():
 
 
 def test_the_gpu_flowers_model_comes_back_in_one_16_mib_file(tmp_path):
-    from ddpm_nb.train import load_model, save_checkpoint
+    from ddpm_nb.checkpoint import load_model, save_checkpoint
     from ddpm_nb.unet import UNet
 
     torch.manual_seed(0)
@@ -217,7 +217,7 @@ def test_cpu_mode_runs_every_stage_and_writes_every_promised_file(cpu_run):
     assert fl["config"]["data"]["dataset"] == "npy" and fl["config"]["unet"]["num_classes"] == 102
     assert fl["samples"]["n"] == plan.num_samples and fl["samples"]["files"] == ["flowers_samples_0.npz",
                                                                                   "flowers_samples_1.npz"]
-    from ddpm_nb.train import load_checkpoint, load_model
+    from ddpm_nb.checkpoint import load_checkpoint, load_model
     state = load_checkpoint(out / "flowers_ema_fp16.pt")
     assert state["dtype"] == "float16" and state["step"] == plan.max_steps
     assert all(v.dtype == torch.float16 for v in state["model"].values() if v.is_floating_point())

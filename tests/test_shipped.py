@@ -6,7 +6,7 @@ import torch
 
 import ddpm_nb
 from ddpm_nb.shipped import ASSETS, PRETRAINED, pretrained_info, pretrained_path
-from ddpm_nb.train import CheckpointError
+from ddpm_nb.checkpoint import CheckpointError
 
 EXPECTED = {  # name -> (dataset, image size, channels, classes)
     "fashion-quick-cond": ("fashion-mnist", 28, 1, 10),

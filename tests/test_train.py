@@ -3,7 +3,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,9 +10,9 @@ from torch.utils.data import TensorDataset
 
 import ddpm_nb.train as train_mod
 from ddpm_nb.config import ConfigError, preset
-from ddpm_nb.train import (CheckpointError, EMA, Trainer, TrainingDivergedError, load_checkpoint, load_model,
-                           lr_factor, resolve_amp, cpu_native_bf16)
-from ddpm_nb.unet import UNet
+from ddpm_nb.diffusion import drop_labels
+from ddpm_nb.checkpoint import load_checkpoint
+from ddpm_nb.train import EMA, Trainer, TrainingDivergedError, cpu_native_bf16, due, lr_factor, resolve_amp
 
 
 def _data(n=64, channels=1, size=16, seed=0):
@@ -73,7 +72,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, in_memory):
     wrap = (lambda ds: ds) if in_memory else _Plain
     straight = Trainer(cfg, run_dir=tmp_path / "a", device="cpu", progress=False,
                        train_dataset=wrap(_data()), val_dataset=_data(16, seed=1))
-    assert (straight._tensors is not None) == in_memory
+    assert (straight.batches._tensors is not None) == in_memory
     straight.train()
     first = Trainer(cfg, run_dir=tmp_path / "b", device="cpu", progress=False,
                     train_dataset=wrap(_data()), val_dataset=_data(16, seed=1))
@@ -115,7 +114,7 @@ def test_bf16_autocast_really_engages_and_loss_stays_fp32(tmp_path):
         return out
 
     tr.diffusion.training_losses = spy
-    out = tr.train_step(tr._batches())
+    out = tr.train_step(tr.batches.stream(tr.micro_batches_seen))
     assert seen and all(d == torch.bfloat16 for d in seen)
     assert losses == [torch.float32]
     assert all(p.dtype == torch.float32 for p in tr.raw_model.parameters())  # master weights stay fp32
@@ -127,7 +126,7 @@ def test_fp16_uses_a_grad_scaler(tmp_path):
     assert dtype == torch.float16 and use_scaler
     tr = _trainer(tmp_path, _cfg(**{"train.amp": "fp16", "train.steps": 2}))
     assert tr.scaler.is_enabled()
-    tr.train_step(tr._batches())
+    tr.train_step(tr.batches.stream(tr.micro_batches_seen))
     assert tr.scaler.get_scale() > 1.0
     assert resolve_amp("off", torch.device("cpu")) == (None, False)
 
@@ -171,76 +170,6 @@ def test_ema_follows_its_formula():
     assert torch.allclose(ema.model.weight, torch.full((2, 2), 2.0))
     warm = EMA(model, decay=0.9999, warmup=True)
     assert warm.current_decay(0) == pytest.approx(0.1)
-
-
-def test_checkpoint_is_weights_only_and_complete(tmp_path):
-    tr = _trainer(tmp_path, _cfg(**{"train.steps": 4}))
-    tr.train()
-    path = tmp_path / "run" / "checkpoints" / "latest.pt"
-    state = torch.load(path, weights_only=True)
-    assert state["format"] == "ddpm_nb-checkpoint" and state["version"] == 1 and state["step"] == 4
-    assert {"model", "ema", "optimizer", "scheduler", "scaler", "rng", "config"} <= set(state)
-    assert (tmp_path / "run" / "checkpoints" / "step_0000004.pt").exists()
-    model, diffusion, cfg = load_model(path, device="cpu")
-    assert cfg.unet == tr.cfg.unet and not model.training
-    for p1, p2 in zip(model.parameters(), tr.ema.model.parameters()):
-        assert torch.equal(p1, p2)
-
-
-def test_checkpoint_rotation_keeps_last_k(tmp_path):
-    tr = _trainer(tmp_path, _cfg(**{"train.steps": 8, "train.ckpt_every": 2, "train.keep_last": 2}))
-    tr.train()
-    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*.pt"))
-    assert kept == ["step_0000006.pt", "step_0000008.pt"]
-
-
-def test_crash_during_checkpoint_write_keeps_previous_latest(tmp_path, monkeypatch):
-    tr = _trainer(tmp_path, _cfg(**{"train.steps": 8}))
-    tr.train(until=4)
-    latest = tmp_path / "run" / "checkpoints" / "latest.pt"
-    before = latest.read_bytes()
-
-    def crashing_save(obj, fh, *a, **k):
-        fh.write(b"PK\x03\x04 half a checkpoint")
-        raise OSError("simulated crash: disk full")
-
-    monkeypatch.setattr(train_mod.torch, "save", crashing_save)
-    tr.train_step(tr._batches())
-    with pytest.raises(OSError, match="simulated crash"):
-        tr.save_checkpoint()
-    monkeypatch.undo()
-    assert latest.read_bytes() == before
-    assert load_checkpoint(latest)["step"] == 4
-    assert not [p for p in latest.parent.iterdir() if ".tmp" in p.name]
-
-
-def test_bad_checkpoints_give_one_clear_error(tmp_path):
-    tr = _trainer(tmp_path, _cfg(**{"train.steps": 4}))
-    tr.train()
-    good = tmp_path / "run" / "checkpoints" / "latest.pt"
-    truncated = tmp_path / "truncated.pt"
-    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    with pytest.raises(CheckpointError, match="truncated, corrupt"):
-        load_checkpoint(truncated)
-    foreign = tmp_path / "foreign.pt"
-    torch.save({"state_dict": {}}, foreign)
-    with pytest.raises(CheckpointError, match="not a ddpm_nb checkpoint"):
-        load_checkpoint(foreign)
-    junk = tmp_path / "junk.pt"
-    junk.write_bytes(os.urandom(1000))
-    with pytest.raises(CheckpointError, match="not a readable"):
-        load_checkpoint(junk)
-    with pytest.raises(CheckpointError, match="no checkpoint at"):
-        load_checkpoint(tmp_path / "missing.pt")
-    # a checkpoint loaded into a network with other channels
-    state = load_checkpoint(good)
-    rgb = UNet(tr.cfg.unet.replace(in_channels=3))
-    with pytest.raises(CheckpointError, match="in_channels: checkpoint 1 vs now 3"):
-        train_mod._load_weights(rgb, state["model"], state["config"]["unet"], str(good))
-    # resuming with a changed network
-    bigger = tr.cfg.override({"unet.base_channels": 32})
-    with pytest.raises(CheckpointError, match="base_channels"):
-        _trainer(tmp_path, bigger, resume=True)
 
 
 def test_existing_run_is_never_overwritten(tmp_path):
@@ -502,3 +431,36 @@ def test_trainer_sample_grid_puts_no_float64_on_the_device(tmp_path):
         tr.sample(2, steps=3)
         tr.sample(2, ema=False, method="ddpm")
     assert "meta" in devices and bad == []
+
+
+def test_one_rule_for_periodic_work():
+    assert [s for s in range(1, 11) if due(s, 4)] == [4, 8]
+    assert [s for s in range(1, 11) if due(s, 0)] == []            # 0: never ...
+    assert due(7, 0, end=True) and due(7, 4, end=True)             # ... except at the end
+
+
+def test_log_every_zero_logs_once_at_the_end(tmp_path):
+    tr = _trainer(tmp_path, _cfg(**{"train.log_every": 0, "train.eval_every": 0, "train.sample_every": 0}))
+    rows = tr.train()
+    assert [r["step"] for r in rows] == [8]
+    assert rows[0]["loss"] == pytest.approx(sum(float(v) for v in [rows[0]["loss"]]))
+    assert [r["step"] for r in tr.val_history] == [8]                # eval 0: only at the final step
+    assert sorted(p.name for p in (tmp_path / "run" / "samples").iterdir()) == \
+        ["step_0000008_ema.png", "step_0000008_online.png"]
+
+
+def test_the_trainer_drops_labels_with_the_configured_probability(tmp_path):
+    cfg = _cfg(**{"data.class_cond": True, "unet.num_classes": 10, "train.label_dropout": 0.5,
+                  "data.hflip": False})
+    tr = _trainer(tmp_path, cfg)
+    x, y = _data(4096)[:]
+    state = tr.gen.get_state()
+    _, dropped = tr._prepare(x, y)
+    tr.gen.set_state(state)
+    expected = drop_labels(y, 0.5, 10, tr.gen)                       # the same generator state: the same draw
+    assert torch.equal(dropped, expected)
+    frac = (dropped == 10).float().mean().item()
+    assert 0.47 < frac < 0.53                                        # 4096 draws: 3 sigma is 0.023
+    assert torch.equal(dropped[dropped != 10], y[dropped != 10])
+    with pytest.raises(ConfigError, match=r"TrainConfig.label_dropout: must be in \[0, 1\)"):
+        _cfg(**{"train.label_dropout": 1.0})
