@@ -12,6 +12,9 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .data import DATASETS
+from .utils import ConfigError
+
 __all__ = [
     "ConfigError",
     "UNetConfig",
@@ -22,6 +25,7 @@ __all__ = [
     "PRESETS",
     "UNET_PRESETS",
     "preset",
+    "DATASETS",
     "SCHEDULES",
     "OBJECTIVES",
     "LOSS_TYPES",
@@ -31,11 +35,8 @@ SCHEDULES = ("linear", "cosine", "sigmoid", "quadratic")
 OBJECTIVES = ("eps", "x0", "v")
 LOSS_TYPES = ("mse", "l1", "huber")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
-DATASETS = ("fashion-mnist", "flowers102", "imagefolder", "npy")
 
 
-class ConfigError(ValueError):
-    """A configuration value is out of range; the message names the field and what is allowed."""
 
 
 def _h(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
@@ -310,7 +311,7 @@ class DiffusionConfig(_Base):
 class DataConfig(_Base):
     """Which images to train on. Explained in notebooks/03_training."""
 
-    dataset: str = _h(f"one of {DATASETS}", "fashion-mnist")
+    dataset: str = _h(f"a name in ddpm_nb.data.DATASETS: {', '.join(DATASETS)}", "fashion-mnist")
     root: str | None = _h("dataset root; default: $DDPM_NB_DATA or the repository's data/", None)
     path: str | None = _h("for 'imagefolder' / 'npy': the folder (or .npy/.npz file) to read", None)
     split: str = _h("'train', 'test', 'val' or 'all' (Flowers102: train+val+test)", "train")
@@ -337,7 +338,7 @@ class DataConfig(_Base):
         _need(self.limit is None or self.limit > 0, f"{w}.limit", "must be None or > 0")
         _need(self.value_range is None or (len(self.value_range) == 2 and self.value_range[0] < self.value_range[1]),
               f"{w}.value_range", f"must be None or [low, high] with low < high, got {self.value_range}")
-        _need(self.dataset not in ("imagefolder", "npy") or bool(self.path), f"{w}.path",
+        _need(not DATASETS[self.dataset].needs_path or bool(self.path), f"{w}.path",
               f"dataset {self.dataset!r} needs path= the folder or file to read")
 
 
@@ -424,9 +425,17 @@ class RunConfig(_Base):
         _typed(self)
         _need(bool(self.name) and "/" not in self.name and self.name not in (".", ".."), "RunConfig.name",
               f"must be a plain folder name, got {self.name!r}")
+        spec = DATASETS[self.data.dataset]
         if self.data.class_cond:
             _need(self.unet.num_classes is not None, "UNetConfig.num_classes",
-                  "data.class_cond=True needs unet.num_classes (10 for FashionMNIST, 102 for Flowers102)")
+                  f"data.class_cond=True needs unet.num_classes ({spec.num_classes or 'the number of classes'} for "
+                  f"{self.data.dataset})")
+            _need(spec.num_classes is None or self.unet.num_classes == spec.num_classes, "UNetConfig.num_classes",
+                  f"{self.data.dataset} has {spec.num_classes} classes, got num_classes={self.unet.num_classes}; "
+                  f"use {spec.num_classes}")
+        _need(spec.channels is None or self.unet.in_channels == spec.channels, "UNetConfig.in_channels",
+              f"{self.data.dataset} has {spec.channels}-channel images, got in_channels={self.unet.in_channels}; "
+              f"use {spec.channels}")
         _need(self.train.sample_steps <= self.diffusion.timesteps, "TrainConfig.sample_steps",
               f"{self.train.sample_steps} DDIM steps for the sample grids, but the diffusion has only "
               f"timesteps={self.diffusion.timesteps}; use at most {self.diffusion.timesteps}")
@@ -509,9 +518,11 @@ PRESETS: dict[str, dict] = {
     "flowers-64": dict(diffusion=DiffusionConfig(timesteps=1000, schedule="cosine"),
                        **_flowers(UNetConfig.flowers_64(), steps=60_000, batch_size=64, lr=1e-4,
                                   warmup_steps=1000, ema_decay=0.9999)),
-    "ddpm-cifar10": dict(diffusion=DiffusionConfig(timesteps=1000, schedule="linear"),
-                         **_flowers(UNetConfig.ddpm_cifar10(), steps=800_000, batch_size=128, lr=2e-4,
-                                    warmup_steps=5000, grad_clip=1.0, ema_decay=0.9999)),
+    # The DDPM paper's CIFAR-10 run (Ho et al. 2020, appendix B): 800k steps of 128, lr 2e-4, EMA 0.9999.
+    "ddpm-cifar10": dict(diffusion=DiffusionConfig(timesteps=1000, schedule="linear"), unet=UNetConfig.ddpm_cifar10(),
+                         data=DataConfig(dataset="cifar10", hflip=True),
+                         train=TrainConfig(steps=800_000, batch_size=128, lr=2e-4, warmup_steps=5000, grad_clip=1.0,
+                                           ema_decay=0.9999)),
 }
 
 

@@ -39,10 +39,18 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
-from .config import ConfigError, DataConfig
-from .utils import cache_dir, data_root, repo_root
+from typing import TYPE_CHECKING
+
+from .utils import ConfigError, cache_dir, data_root, repo_root
+
+if TYPE_CHECKING:  # data sits below config (config's validation reads DATASETS), so only for annotations
+    from .config import DataConfig
 
 __all__ = [
+    "DATASETS",
+    "DatasetSpec",
+    "class_names",
+    "TrainBatches",
     "DatasetNotFoundError",
     "BundledDataWarning",
     "UnreadableImageWarning",
@@ -72,7 +80,6 @@ FASHION_PARTS = {"train": ("train",), "test": ("test",), "all": ("train", "test"
 FASHION_BUNDLED = "FashionMNIST-test"  # folder with the two t10k .gz files (package data, see BUNDLED_DIR)
 BUNDLED_DIR = Path(__file__).resolve().parent / "assets" / FASHION_BUNDLED
 FLOWERS_SPLIT_KEYS = {"train": "trnid", "val": "valid", "test": "tstid"}  # keys of setid.mat
-NUM_CLASSES = {"fashion-mnist": 10, "flowers102": 102}
 
 
 
@@ -143,15 +150,16 @@ def _drop_unreadable(files: list[str], labels: list[int], where: Path) -> tuple[
 # ---------------------------------------------------------------------------------------------
 # Paths, permissions, network
 # ---------------------------------------------------------------------------------------------
-def _root(cfg: DataConfig) -> Path:
+def _root(cfg: DataConfig | None) -> Path:
     """`cfg.root`, else `$DDPM_NB_DATA`, else the repository's data/ (see `_user_path` for relative paths).
 
     An explicit setting must name an existing folder: a typo is an error, not a silent fallback."""
-    given = cfg.root or os.environ.get("DDPM_NB_DATA")
+    root = cfg.root if cfg is not None else None
+    given = root or os.environ.get("DDPM_NB_DATA")
     if not given:
         return data_root()
     path = _user_path(given, data=False)
-    what = "DataConfig.root" if cfg.root else "DDPM_NB_DATA"
+    what = "DataConfig.root" if root else "DDPM_NB_DATA"
     if not path.is_dir():
         raise DatasetNotFoundError(f"{what}={given!r} is {'a file' if path.exists() else 'not there'} ({path}); "
                                    f"it must be the folder that holds the datasets. Fix or unset {what}.")
@@ -548,7 +556,7 @@ def flowers_on_disk(cfg: DataConfig | None = None) -> bool:
     """True when Flowers102's files are already on disk (nothing to download), where `cfg` would look
     (`cfg.root`, `$DDPM_NB_DATA`, the data folder, the cache). Notebooks 01 and 03 use it to pick the real
     flowers when they are there and FashionMNIST elsewhere."""
-    return any(_flowers_ok(d) for d in _flowers_dirs(_root(cfg or DataConfig(dataset="flowers102"))))
+    return any(_flowers_ok(d) for d in _flowers_dirs(_root(cfg)))
 
 
 def _flowers102(root: Path, split: str, transform: ImageTransform) -> ImageFiles:
@@ -782,6 +790,119 @@ def _numpy_arrays(path: Path, split: str, transform: ImageTransform,
 
 
 # ---------------------------------------------------------------------------------------------
+# CIFAR-10
+# ---------------------------------------------------------------------------------------------
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"  # torchvision's checksum of the archive
+CIFAR10_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+
+
+def _cifar10_dirs(root: Path) -> list[Path]:
+    """torchvision's layout `<root>/cifar-10-batches-py/`, and the cache."""
+    return [root / "cifar-10-batches-py", cache_dir() / "cifar-10-batches-py"]
+
+
+def _cifar10(cfg: DataConfig, split: str, transform: ImageTransform) -> TensorImages:
+    """CIFAR-10's python batches (50,000 train + 10,000 test, 32 px RGB, 10 classes): read from disk, downloaded
+    (170 MB, once) when online, else a one-line error that names DDPM_NB_DATA."""
+    import pickle
+
+    if split == "val":
+        raise ValueError("CIFAR-10 has no 'val' split: use split='train', 'test' or 'all'; for validation set "
+                         "DataConfig.val_split='test' or hold out val_fraction of train")
+    root = _root(cfg)
+    names = [f for part in (("train", "test") if split == "all" else (split,)) for f in CIFAR10_FILES[part]]
+    folder = next((d for d in _cifar10_dirs(root) if all((d / f).is_file() for f in names)), None)
+    if folder is None:
+        from torchvision.datasets.utils import download_and_extract_archive
+
+        base = root if _is_writable(root) else cache_dir()
+        try:
+            if not _network_available(CIFAR10_URL):
+                raise OSError("no network connection to " + urlparse(CIFAR10_URL).hostname)
+            download_and_extract_archive(CIFAR10_URL, str(base), md5=CIFAR10_MD5)
+            folder = base / "cifar-10-batches-py"
+        except (urllib.error.URLError, OSError, RuntimeError) as exc:
+            raise _not_found("CIFAR-10", _cifar10_dirs(root),
+                             f"Could not download it ({str(exc).strip().splitlines()[0]}). With internet access it "
+                             f"downloads by itself (~170 MB). " +
+                             _offline_hint("cifar-10-batches-py/ (data_batch_1..5, test_batch)")) from None
+    images, labels = [], []
+    for name in names:
+        with open(folder / name, "rb") as fh:
+            batch = pickle.load(fh, encoding="bytes")
+        images.append(np.asarray(batch[b"data"], np.uint8).reshape(-1, 3, 32, 32))
+        labels.append(np.asarray(batch[b"labels"], np.int64))
+    return TensorImages(torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)),
+                        transform, f"CIFAR-10 {split!r} split in {folder}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry: every dataset the package knows, in one place
+# ---------------------------------------------------------------------------------------------
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+# the 102 category names of Oxford Flowers102 (Nilsback & Zisserman 2008), in label order 0..101
+FLOWERS102_CLASSES = tuple((Path(__file__).resolve().parent / "assets" / "flowers102_classes.txt")
+                           .read_text().splitlines())
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What the package knows about a dataset before reading a file of it."""
+
+    loader: Callable  # (DataConfig, split, ImageTransform) -> Dataset of (image (C, S, S) in [-1, 1], label)
+    channels: int | None  # 1 or 3; None = whatever the files hold ('npy')
+    image_size: int | None  # native height = width in px; None = varies
+    num_classes: int | None  # None = read from the files (class folders, .npz labels)
+    class_names: tuple[str, ...] | None
+    value_range: str  # what the stored values are, before they are mapped to [-1, 1]
+    source: str  # where it comes from, and what happens offline
+    needs_path: bool = False  # DataConfig.path names the files
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "fashion-mnist": DatasetSpec(
+        loader=lambda cfg, split, tf: _fashion_mnist(_root(cfg), split, tf,
+                                                     explicit_empty=_explicit_empty_root(cfg, _root(cfg))),
+        channels=1, image_size=28, num_classes=10, class_names=FASHION_MNIST_CLASSES, value_range="uint8 0..255",
+        source="torchvision's download (30 MB); offline, its test split bundled with the package"),
+    "flowers102": DatasetSpec(
+        loader=lambda cfg, split, tf: _flowers102(_root(cfg), split, tf),
+        channels=3, image_size=None, num_classes=102, class_names=FLOWERS102_CLASSES, value_range="JPEG, 8 bit",
+        source="torchvision's download (330 MB); offline, a one-line error naming DDPM_NB_DATA"),
+    "cifar10": DatasetSpec(
+        loader=_cifar10, channels=3, image_size=32, num_classes=10, class_names=CIFAR10_CLASSES,
+        value_range="uint8 0..255", source="the authors' archive (170 MB); offline, a one-line error naming "
+                                           "DDPM_NB_DATA"),
+    "imagefolder": DatasetSpec(
+        loader=lambda cfg, split, tf: _image_folder(_source_path(cfg), split, tf),
+        channels=3, image_size=None, num_classes=None, class_names=None, value_range="any image file, 8 bit",
+        source="DataConfig.path: a folder (class subfolders optional, train/val/test optional)", needs_path=True),
+    "npy": DatasetSpec(
+        loader=lambda cfg, split, tf: _numpy_arrays(_source_path(cfg), split, tf, cfg.value_range),
+        channels=None, image_size=None, num_classes=None, class_names=None,
+        value_range="uint8 0..255, floats in [0, 1] or [-1, 1], or DataConfig.value_range",
+        source="DataConfig.path: a .npy/.npz file or a folder of them", needs_path=True),
+}
+
+
+def _image_folder(path: Path, split: str, transform: ImageTransform) -> ImageFiles:
+    if not path.is_dir():
+        raise ValueError(f"DataConfig.path={str(path)!r} must be a folder for dataset 'imagefolder'")
+    files, labels, classes = _scan_image_folder(path, split)
+    files, labels = _drop_unreadable(files, labels, path)
+    return ImageFiles(files, labels, transform, f"image folder {path} ({split!r})", classes)
+
+
+def class_names(dataset: str) -> tuple[str, ...] | None:
+    """The class names of a registered dataset, in label order (None when the files decide)."""
+    return DATASETS[dataset].class_names
+
+
+# ---------------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------------
 def load_dataset(cfg: DataConfig, image_size: int, *, split: str | None = None, train: bool = True,
@@ -790,33 +911,20 @@ def load_dataset(cfg: DataConfig, image_size: int, *, split: str | None = None, 
 
     `S = image_size`. `split` overrides `cfg.split` ('train', 'test', 'val', 'all'); `train=False`
     turns random flips off (validation, reference images); `cfg.limit` keeps the first N items.
-    `channels` (or a `channels` field of `cfg`, if it has one) converts to 1 or 3 channels; by
-    default channels follow the data: 1 for FashionMNIST, 3 for Flowers102 and image folders,
-    whatever the arrays hold for 'npy'. label is -1 when the source has none.
+    `channels` converts to 1 or 3 channels; by default channels follow the dataset's spec in `DATASETS`
+    (1 for FashionMNIST, 3 for Flowers102, CIFAR-10 and image folders, whatever the arrays hold for 'npy').
+    label is -1 when the source has none.
     Explained in notebooks/03_training.
     """
     split = split or cfg.split
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-    channels = channels if channels is not None else getattr(cfg, "channels", None)
     _check_size_channels(image_size, channels)
-    default_channels = {"fashion-mnist": 1, "flowers102": 3, "imagefolder": 3}.get(cfg.dataset)
-    transform = ImageTransform(int(image_size), bool(cfg.hflip and train), channels or default_channels)
-    if cfg.dataset == "fashion-mnist":
-        ds = _fashion_mnist(_root(cfg), split, transform, explicit_empty=_explicit_empty_root(cfg, _root(cfg)))
-    elif cfg.dataset == "flowers102":
-        ds = _flowers102(_root(cfg), split, transform)
-    elif cfg.dataset == "imagefolder":
-        path = _source_path(cfg)
-        if not path.is_dir():
-            raise ValueError(f"DataConfig.path={cfg.path!r} must be a folder for dataset 'imagefolder'")
-        files, labels, classes = _scan_image_folder(path, split)
-        files, labels = _drop_unreadable(files, labels, path)
-        ds = ImageFiles(files, labels, transform, f"image folder {path} ({split!r})", classes)
-    elif cfg.dataset == "npy":
-        ds = _numpy_arrays(_source_path(cfg), split, transform, getattr(cfg, "value_range", None))
-    else:
-        raise ValueError(f"unknown dataset {cfg.dataset!r}; allowed: fashion-mnist, flowers102, imagefolder, npy")
+    if cfg.dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {cfg.dataset!r}; allowed: {', '.join(DATASETS)}")
+    spec = DATASETS[cfg.dataset]
+    transform = ImageTransform(int(image_size), bool(cfg.hflip and train), channels or spec.channels)
+    ds = spec.loader(cfg, split, transform)
     return ds.head(cfg.limit) if cfg.limit else ds
 
 
@@ -834,10 +942,11 @@ def dataset_channels(ds: Dataset) -> int:
 
 
 def dataset_num_classes(cfg: DataConfig) -> int | None:
-    """10 for FashionMNIST, 102 for Flowers102, the number of class folders for 'imagefolder'
-    (None for a flat folder), 1 + the largest label for 'npy' .npz files with labels, else None."""
-    if cfg.dataset in NUM_CLASSES:
-        return NUM_CLASSES[cfg.dataset]
+    """The spec's number of classes (10 for FashionMNIST and CIFAR-10, 102 for Flowers102); else read from
+    the files: the number of class folders for 'imagefolder' (None for a flat folder), 1 + the largest label
+    for 'npy' .npz files with labels, else None."""
+    if DATASETS[cfg.dataset].num_classes is not None:
+        return DATASETS[cfg.dataset].num_classes
     path = _source_path(cfg)
     if cfg.dataset == "imagefolder":
         return len(_scan_image_folder(path, "all")[2] or []) or None

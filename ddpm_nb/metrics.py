@@ -43,6 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy import linalg
 
+from ddpm_nb.data import FASHION_MNIST_CLASSES
 from ddpm_nb.utils import atomic_write_bytes, results_dir
 
 __all__ = [
@@ -66,9 +67,6 @@ __all__ = [
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 FASHION_MNIST_WEIGHTS = ASSETS / "fashion_mnist_classifier.pt"
-FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)
 
 
 # --------------------------------------------------------------------------- the math

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["PRETRAINED", "LESSON_MODELS", "LESSON_DATA", "pretrained", "pretrained_path", "pretrained_info", "lesson_model",
+__all__ = ["PRETRAINED", "LESSON_MODELS", "lesson_data", "pretrained", "pretrained_path", "pretrained_info", "lesson_model",
            "class_name"]
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -24,11 +24,18 @@ PRETRAINED: dict[str, tuple[str, str]] = {
     "flowers-cpu-cond": ("flowers_cpu_cond.pt",
                          "Oxford Flowers102, 32 px RGB, class-conditional (102 + null), 2.3M parameters"),
 }
-# a lesson's DATASET parameter -> the shipped model it samples from
-LESSON_MODELS = {"fashion-mnist": "fashion-quick-cond", "flowers": "flowers-cpu-cond"}
-# a lesson's DATASET -> the config settings of a class-conditional model of that data (any size)
-LESSON_DATA = {"fashion-mnist": {"data.dataset": "fashion-mnist", "unet.num_classes": 10},
-               "flowers": {"data.dataset": "flowers102", "unet.num_classes": 102, "unet.in_channels": 3}}
+# a lesson's DATASET parameter (a name in ddpm_nb.data.DATASETS) -> the shipped model it samples from
+LESSON_MODELS = {"fashion-mnist": "fashion-quick-cond", "flowers102": "flowers-cpu-cond"}
+ALIASES = {"flowers": "flowers102"}  # the lessons' spelling before the registry: still accepted
+
+
+def lesson_data(dataset: str) -> dict:
+    """The config settings of a class-conditional model of a lesson's DATASET (any size), from its spec."""
+    from .data import DATASETS
+
+    spec = DATASETS[ALIASES.get(dataset, dataset)]
+    return {"data.dataset": ALIASES.get(dataset, dataset), "unet.num_classes": spec.num_classes,
+            "unet.in_channels": spec.channels}
 
 
 def pretrained_path(name: str) -> Path:
@@ -67,8 +74,9 @@ def lesson_model(dataset: str, *, device=None, tiny: bool = False, fallback_dir=
     """
     from .checkpoint import CheckpointError
 
+    dataset = ALIASES.get(dataset, dataset)
     if dataset not in LESSON_MODELS:
-        raise ValueError(f"DATASET must be one of {sorted(LESSON_MODELS)}, got {dataset!r}")
+        raise ValueError(f"DATASET must be one of {', '.join(LESSON_MODELS)}, got {dataset!r}")
     name = LESSON_MODELS[dataset]
     try:
         return pretrained(name, device=device)
@@ -80,7 +88,7 @@ def lesson_model(dataset: str, *, device=None, tiny: bool = False, fallback_dir=
 
     print(f"The shipped model {name!r} is missing, so TINY mode trains a tiny class-conditional model (preset 'tiny': "
           "16 px, T = 50, 30 steps) right here, so that every cell runs. Its samples are blobs.")
-    cfg = preset("tiny").override({"name": f"fallback-tiny-{dataset}", "data.class_cond": True, **LESSON_DATA[dataset]})
+    cfg = preset("tiny").override({"name": f"fallback-tiny-{dataset}", "data.class_cond": True, **lesson_data(dataset)})
     trainer = Trainer(cfg, run_dir=Path(fallback_dir) / cfg.name, device=device, resume=True)
     trainer.train()                       # resume=True: a second call reuses the finished model
     trainer.close()
@@ -88,9 +96,9 @@ def lesson_model(dataset: str, *, device=None, tiny: bool = False, fallback_dir=
 
 
 def class_name(dataset: str, c) -> str:
-    """A readable name for label c: FashionMNIST's class names; Flowers102's classes by number."""
-    if dataset == "fashion-mnist":
-        from .metrics import FASHION_MNIST_CLASSES
+    """The readable name of label c of a dataset in ddpm_nb.data.DATASETS (its spec's class names), else
+    "class c"."""
+    from .data import DATASETS
 
-        return FASHION_MNIST_CLASSES[int(c)]
-    return f"flower class {int(c)}"
+    names = DATASETS[ALIASES.get(dataset, dataset)].class_names
+    return names[int(c)] if names else f"class {int(c)}"

@@ -32,6 +32,7 @@ __all__ = [
     "disk_full",
     "is_disk_full",
     "atomic_write_bytes",
+    "ConfigError",
     "DiskFullError",
     "set_threads",
     "progress_mode",
@@ -203,6 +204,12 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2, p
     if scale > 1:
         grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
     return grid
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range; the message names the field and what is allowed.
+    (Defined here, at the bottom of the package, so that data.py's registry can raise it; `ddpm_nb.config`
+    exports it.)"""
 
 
 class DiskFullError(OSError):

@@ -6,7 +6,7 @@
 
 Each lesson runs top to bottom in a fresh kernel, at full size (DDPM_NB_TINY is removed from the
 environment), on the CPU unless a GPU is there, with the shipped models. Lesson 04 is
-rendered twice, once per shipped model (DATASET = "fashion-mnist" and "flowers"; 05 only with its
+rendered twice, once per shipped model (DATASET = "fashion-mnist" and "flowers102"; 05 only with its
 default, which its GIFs would not leave room for in the budget below): a cell tagged
 `injected-parameters` after the `parameters` cell sets DATASET, as papermill does. Figures and
 GIFs are embedded in the page (base64; as lossless WebP, a third to a quarter smaller), so each
@@ -39,7 +39,7 @@ SITE = ROOT / "site"
 PAGE_LIMIT = 2_000_000     # bytes per page
 SITE_LIMIT = 10_000_000    # bytes for all of site/
 # page name -> (lesson file stem, parameters injected after its `parameters` cell)
-VARIANTS = {"04_sampling": {"DATASET": "flowers"}}
+VARIANTS = {"04_sampling": {"DATASET": "flowers102"}}
 
 
 def lessons() -> list[Path]:

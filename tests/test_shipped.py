@@ -54,9 +54,10 @@ def test_json_records_are_valid_json_beside_each_file():
 def test_lesson_model_maps_datasets_and_falls_back_only_in_tiny_mode(tmp_path, monkeypatch, capsys):
     from ddpm_nb import shipped
 
-    model, diffusion, cfg = shipped.lesson_model("flowers", device="cpu")
+    model, diffusion, cfg = shipped.lesson_model("flowers102", device="cpu")
     assert (cfg.unet.in_channels, cfg.unet.num_classes) == (3, 102)
-    with pytest.raises(ValueError, match=r"DATASET must be one of \['fashion-mnist', 'flowers'\], got 'cifar'"):
+    assert shipped.lesson_model("flowers", device="cpu")[2] == cfg   # the lessons' old spelling still works
+    with pytest.raises(ValueError, match=r"DATASET must be one of fashion-mnist, flowers102, got 'cifar'"):
         shipped.lesson_model("cifar")
     monkeypatch.setattr(shipped, "ASSETS", tmp_path / "trimmed")              # an install without the model files
     with pytest.raises(CheckpointError, match="is missing from this installation"):
@@ -70,7 +71,7 @@ def test_lesson_model_maps_datasets_and_falls_back_only_in_tiny_mode(tmp_path, m
     assert "TINY mode trains a tiny class-conditional model" in capsys.readouterr().out
     assert (cfg.unet.num_classes, cfg.unet.in_channels, cfg.data.class_cond) == (10, 1, True)
     assert not model.training and (tmp_path / "fallback-tiny-fashion-mnist" / "checkpoints").is_dir()
-    assert shipped.class_name("fashion-mnist", 9) == "Ankle boot" and shipped.class_name("flowers", 7) == "flower class 7"
+    assert shipped.class_name("fashion-mnist", 9) == "Ankle boot" and shipped.class_name("flowers102", 7) == "bird of paradise"
 
 
 def test_fid_table_record_writes_the_newest_rows_into_the_models_json(tmp_path, monkeypatch):

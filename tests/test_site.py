@@ -34,11 +34,11 @@ def test_pages_within_budget_and_complete():
         assert page.count('class="jp-OutputArea') > 5                       # executed: it has outputs
         assert "Traceback (most recent call last)" not in page
         total += size
-    assert "06_guidance" in names and "04_sampling-flowers" in names
+    assert "06_guidance" in names and "04_sampling-flowers102" in names
     injected = "Parameters injected by scripts/make_site.py"
-    assert injected in (make_site.SITE / "04_sampling-flowers.html").read_text()
+    assert injected in (make_site.SITE / "04_sampling-flowers102.html").read_text()
     assert injected not in (make_site.SITE / "04_sampling.html").read_text()
-    assert manifest["pages"]["04_sampling-flowers"]["params"] == {"DATASET": "flowers"}
+    assert manifest["pages"]["04_sampling-flowers102"]["params"] == {"DATASET": "flowers102"}
     on_disk = sum(f.stat().st_size for f in make_site.SITE.iterdir() if f.is_file())
     assert on_disk <= make_site.SITE_LIMIT, f"site/ is {on_disk / 1e6:.2f} MB"
     assert (make_site.SITE / "index.html").is_file() and (make_site.SITE / "notebook.css").stat().st_size > 10_000
@@ -72,9 +72,9 @@ def test_execute_injects_parameters_and_html_shares_the_stylesheet(tmp_path, mon
     nbformat.write(nb, path)
     monkeypatch.setattr(make_site, "NOTEBOOKS", tmp_path)
     monkeypatch.setenv("DDPM_NB_TINY", "1")
-    done = make_site.execute(path, {"DATASET": "flowers"}, timeout=120)
+    done = make_site.execute(path, {"DATASET": "flowers102"}, timeout=120)
     assert done.cells[1].metadata["tags"] == ["injected-parameters"]
-    assert done.cells[2].outputs[0]["text"] == "flowers None\n"     # injected after the defaults; full size
+    assert done.cells[2].outputs[0]["text"] == "flowers102 None\n"     # injected after the defaults; full size
     page, css = make_site.to_html(done, "lesson", "a note")
     assert "<style" not in page and "jp-OutputArea" in css and "a note" in page
 
