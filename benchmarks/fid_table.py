@@ -63,7 +63,7 @@ def score(ref: np.ndarray, fake: np.ndarray, seed: int = 0) -> dict:
 
 def record(model: str, rows_file: Path) -> None:
     """Copy a model's newest Inception rows (one per what/n) into the 'quality' entry of its shipped JSON."""
-    from ddpm_nb.shipped import pretrained_path
+    from ddpm_nb.shipped import pretrained_path, write_record
 
     newest = {}
     for line in rows_file.read_text().splitlines():
@@ -81,10 +81,7 @@ def record(model: str, rows_file: Path) -> None:
         "measured_with": f"python benchmarks/fid_table.py {model} ... (the commands: results/BENCHMARKS.md)",
         "rows": [{k: r[k] for k in keep if k in r} for r in sorted(newest.values(), key=lambda r: (-r["n"], r["what"]))],
     }
-    path = pretrained_path(model).with_suffix(".json")
-    info = json.loads(path.read_text())
-    info["quality"] = quality
-    atomic_write_bytes(path, (json.dumps(info, indent=1, ensure_ascii=False) + "\n").encode())
+    path = write_record(pretrained_path(model), {"quality": quality}, keep=None)
     print(f"wrote {len(quality['rows'])} rows into {path}")
 
 

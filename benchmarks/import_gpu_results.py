@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import hashlib
 import json
 import re
 import shutil
@@ -38,6 +37,7 @@ import torch  # noqa: E402
 
 from benchmarks.bench import markdown_tables  # noqa: E402
 from benchmarks.gpu_run import MAX_BYTES, OUTPUTS, PEER_MODELS, SUMMARY_VERSION  # noqa: E402
+from ddpm_nb.shipped import write_record  # noqa: E402
 from ddpm_nb.utils import repo_root  # noqa: E402
 
 ASSET_NAME = "flowers_gpu_cond"
@@ -246,8 +246,7 @@ def ship_model(folder: Path, summary: dict, decision: dict, assets: Path, label:
     dst = assets / f"{ASSET_NAME}.pt"
     shutil.copyfile(folder / "flowers_ema_fp16.pt", dst)
     fl = summary["flowers"]
-    info = {"file": dst.name, "sha256": hashlib.sha256(dst.read_bytes()).hexdigest(), "bytes": dst.stat().st_size,
-            "what": f"EMA weights (fp16) + RunConfig of a class-conditional Flowers102 UNet, "
+    info = {"what": f"EMA weights (fp16) + RunConfig of a class-conditional Flowers102 UNet, "
                     f"{fl['config']['unet']['image_size']} px, {fl['params'] / 1e6:.2f}M parameters",
             "trained_with": "bash benchmarks/gpu_run.sh (its flowers stage)", "device": label,
             "steps": fl["steps"], "batch_size": fl["batch"], "train_seconds": fl["train_s"],
@@ -256,7 +255,7 @@ def ship_model(folder: Path, summary: dict, decision: dict, assets: Path, label:
              "real_vs_real": decision["gpu"]["fid_real_vs_real"]},
             "date": summary["started"],
             "load_with": f'ddpm_nb.checkpoint.load_model("ddpm_nb/assets/{ASSET_NAME}.pt")'}
-    dst.with_suffix(".json").write_text(json.dumps(info, indent=1) + "\n")
+    write_record(dst, info, keep=())
     return dst
 
 

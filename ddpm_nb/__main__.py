@@ -17,13 +17,13 @@ import argparse
 import dataclasses
 import errno
 import math
-import os
 import sys
 from pathlib import Path
 
 import yaml
 
 from .config import PRESETS, ConfigError, RunConfig, preset
+from .utils import check_steps
 
 ALIASES = {
     "steps": "train.steps",
@@ -35,7 +35,7 @@ ALIASES = {
 }
 
 
-def _field_help(section: str, f: dataclasses.Field) -> str:
+def _field_help(f: dataclasses.Field) -> str:
     default = f.default if f.default is not dataclasses.MISSING else "..."
     return f"{f.metadata.get('help', '')} (preset value; class default {default!r})"
 
@@ -45,7 +45,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         group = p.add_argument_group(f"{section} settings ({cls.__name__})")
         for f in dataclasses.fields(cls):
             group.add_argument(f"--{section}.{f.name}", dest=f"cfg:{section}.{f.name}", metavar="V",
-                               default=None, help=_field_help(section, f))
+                               default=None, help=_field_help(f))
     short = p.add_argument_group("short aliases")
     for alias, target in ALIASES.items():
         short.add_argument(f"--{alias.replace('_', '-')}", dest=f"cfg:{target}", metavar="V", default=None,
@@ -132,13 +132,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = build_config(args)
     if not args.print_config:
         _device(args.device)
-    if args.results_dir:
-        os.environ["DDPM_NB_RESULTS"] = str(Path(args.results_dir).resolve())
     if args.print_config:
         from .checkpoint import plain
         print(yaml.safe_dump(plain(cfg.to_dict()), sort_keys=False))
         return 0
-    trainer = Trainer(cfg, device=args.device, resume=args.resume, progress="lines" if args.no_progress else True)
+    run_dir = Path(args.results_dir).resolve() / cfg.name if args.results_dir else None  # None: results_dir(name)
+    trainer = Trainer(cfg, run_dir=run_dir, device=args.device, resume=args.resume,
+                      progress="lines" if args.no_progress else True)
     if trainer.is_main:
         _warn_if_busy(trainer.device)
         print(trainer.summary(), file=sys.stderr)
@@ -252,9 +252,8 @@ def _load_for_sampling(args):
 
     _check_sampling_args(args)
     model, diffusion, cfg = load_model(_checkpoint(args)[0], ema=not args.online, device=args.device)
-    if args.method == "ddim" and args.steps > diffusion.timesteps:
-        raise ConfigError(f"--steps {args.steps} is more than the model's {diffusion.timesteps} diffusion steps; "
-                          f"use at most {diffusion.timesteps}")
+    if args.method == "ddim":
+        check_steps(args.steps, diffusion.timesteps, "--steps")
     labels = None
     if cfg.unet.num_classes:
         if args.label is not None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .data import DATASETS
-from .utils import ConfigError
+from .utils import ConfigError, check_steps
 
 __all__ = [
     "ConfigError",
@@ -436,9 +436,7 @@ class RunConfig(_Base):
         _need(spec.channels is None or self.unet.in_channels == spec.channels, "UNetConfig.in_channels",
               f"{self.data.dataset} has {spec.channels}-channel images, got in_channels={self.unet.in_channels}; "
               f"use {spec.channels}")
-        _need(self.train.sample_steps <= self.diffusion.timesteps, "TrainConfig.sample_steps",
-              f"{self.train.sample_steps} DDIM steps for the sample grids, but the diffusion has only "
-              f"timesteps={self.diffusion.timesteps}; use at most {self.diffusion.timesteps}")
+        check_steps(self.train.sample_steps, self.diffusion.timesteps, "TrainConfig.sample_steps")
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":

@@ -252,7 +252,7 @@ class ImageTransform:
     mode decode correctly (see `_pil_to_tensor`: 16-bit scaled, alpha composited over white). Steps: convert to
     `channels` (1: luminance, 3: RGB; None keeps the input's), resize the shorter side to
     `image_size` (bicubic, antialias), center-crop to a square, random horizontal flip when `hflip`,
-    then x -> 2x - 1. Explained in notebooks/03_training.
+    then x -> 2x - 1.
     """
 
     image_size: int
@@ -326,7 +326,7 @@ def build_transform(image_size: int, *, hflip: bool, channels: int | None = None
 
     Resize the shorter side (bicubic, antialias) and center-crop, optional random horizontal flip,
     scale [0, 1] -> [-1, 1]. `channels` converts (1 or 3); None keeps the image's own channels.
-    The result is picklable (DataLoader workers). Explained in notebooks/03_training.
+    The result is picklable (DataLoader workers).
     """
     _check_size_channels(image_size, channels)
     return ImageTransform(int(image_size), bool(hflip), channels)
@@ -914,15 +914,12 @@ def load_dataset(cfg: DataConfig, image_size: int, *, split: str | None = None, 
     `channels` converts to 1 or 3 channels; by default channels follow the dataset's spec in `DATASETS`
     (1 for FashionMNIST, 3 for Flowers102, CIFAR-10 and image folders, whatever the arrays hold for 'npy').
     label is -1 when the source has none.
-    Explained in notebooks/03_training.
     """
     split = split or cfg.split
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     _check_size_channels(image_size, channels)
-    if cfg.dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {cfg.dataset!r}; allowed: {', '.join(DATASETS)}")
-    spec = DATASETS[cfg.dataset]
+    spec = DATASETS[cfg.dataset]  # a DataConfig names a registered dataset (checked at construction)
     transform = ImageTransform(int(image_size), bool(cfg.hflip and train), channels or spec.channels)
     ds = spec.loader(cfg, split, transform)
     return ds.head(cfg.limit) if cfg.limit else ds
@@ -1086,7 +1083,7 @@ class TrainBatches:
     """The training batch stream: endless micro-batches (images, labels) of one rank, starting at micro-batch
     `start`, identical across resumes (each epoch's order is `EpochSampler`'s, a pure function of the seed and
     the epoch). Datasets held in memory (`materialize`) are indexed directly, on `device` when it is a GPU;
-    others go through a DataLoader with `num_workers`. Explained in notebooks/03_training.
+    others go through a DataLoader with `num_workers`.
     """
 
     def __init__(self, ds: Dataset, micro_batch: int, *, seed: int, rank: int = 0, world: int = 1,
@@ -1139,7 +1136,6 @@ def real_images(cfg: DataConfig, image_size: int, n: int, *, split: str = "test"
     """`n` real images (n, C, S, S) in [-1, 1], a fixed random choice (`seed`) from `split`, no flips.
 
     For figures and FID reference sets. Image folders and arrays without splits use all images.
-    Explained in notebooks/03_training.
     """
     if cfg.dataset in ("imagefolder", "npy") and split != "train":
         path = _source_path(cfg)

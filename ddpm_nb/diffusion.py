@@ -70,10 +70,6 @@ class GaussianDiffusion(nn.Module):
                 if generator is not None else torch.randn_like(x0)
         return self._get("sqrt_alphas_cumprod", t, x0) * x0 + self._get("sqrt_one_minus_alphas_cumprod", t, x0) * noise
 
-    def q_mean_variance(self, x0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and variance of q(x_t | x_0): (B, C, H, W) and (B, 1, 1, 1)."""
-        return self._get("sqrt_alphas_cumprod", t, x0) * x0, 1.0 - self._get("alphas_cumprod", t, x0)
-
     def q_posterior_mean_variance(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
         """q(x_{t-1} | x_t, x_0) = N(mean, beta_tilde_t I), DDPM eq. (6)-(7).
 

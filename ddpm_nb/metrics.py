@@ -72,14 +72,14 @@ FASHION_MNIST_WEIGHTS = ASSETS / "fashion_mnist_classifier.pt"
 # --------------------------------------------------------------------------- the math
 
 
-def _as_float64(x, name: str) -> np.ndarray:
+def _as_float64(x) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().double().numpy()
     return np.asarray(x, dtype=np.float64)
 
 
 def _as_features(x, name: str) -> np.ndarray:
-    a = _as_float64(x, name)
+    a = _as_float64(x)
     if a.ndim != 2:
         raise ValueError(f"{name} must be a (N, D) feature matrix, got shape {a.shape}")
     if not np.isfinite(a).all():
@@ -108,8 +108,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, *, eps: float = 1e-6) -> float:
     (nearly singular covariances, e.g. fewer samples than dimensions) `eps * I` is added to both
     covariances; a negligible imaginary part from round-off is dropped, a large one is an error.
     """
-    mu1, mu2 = np.atleast_1d(_as_float64(mu1, "mu1")), np.atleast_1d(_as_float64(mu2, "mu2"))
-    sigma1, sigma2 = np.atleast_2d(_as_float64(sigma1, "sigma1")), np.atleast_2d(_as_float64(sigma2, "sigma2"))
+    mu1, mu2 = np.atleast_1d(_as_float64(mu1)), np.atleast_1d(_as_float64(mu2))
+    sigma1, sigma2 = np.atleast_2d(_as_float64(sigma1)), np.atleast_2d(_as_float64(sigma2))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.size, mu1.size):
         raise ValueError(
             f"shapes do not match: mu1 {mu1.shape}, mu2 {mu2.shape}, sigma1 {sigma1.shape}, sigma2 {sigma2.shape}; "

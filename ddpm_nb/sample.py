@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .diffusion import GaussianDiffusion
+from .utils import check_steps
 
 __all__ = [
     "Trajectory",
@@ -203,8 +204,7 @@ def ddim_timesteps(timesteps: int, steps: int, spacing: str = "uniform") -> list
     """
     if spacing not in SPACINGS:
         raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
-    if not 1 <= steps <= timesteps:
-        raise ValueError(f"steps must be between 1 and T={timesteps}, got {steps}")
+    check_steps(steps, timesteps, "steps")
     if spacing == "uniform":
         ts = list(range(0, timesteps, timesteps // steps))[:steps]
     elif spacing == "linspace":

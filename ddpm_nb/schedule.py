@@ -31,7 +31,8 @@ MAX_BETA = 0.999  # the clip of Nichol & Dhariwal (2021): keeps beta_t < 1 near 
 
 
 def _ddpm_range(timesteps: int) -> tuple[float, float]:
-    """DDPM's 1e-4 -> 0.02 is for T = 1000; scale by 1000/T so other T reach the same final SNR."""
+    """DDPM's 1e-4 -> 0.02 is for T = 1000; scaled by 1000/T, other T keep the same sum of betas (and so about
+    the same final alpha-bar, exp(-sum beta), while the betas are small; larger betas end a little noisier)."""
     scale = 1000.0 / timesteps
     return scale * 1e-4, scale * 0.02
 
@@ -102,7 +103,7 @@ class NoiseSchedule(nn.Module):
     """Every precomputed quantity of the forward process, as buffers (float32).
 
     Names follow the paper: betas, alphas, alphas_cumprod (alpha-bar), alphas_cumprod_prev,
-    sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, log_one_minus_alphas_cumprod,
+    sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod,
     sqrt_recip_alphas_cumprod, sqrt_recipm1_alphas_cumprod, posterior_variance (beta-tilde),
     posterior_log_variance_clipped, posterior_mean_coef1/2 (eq. 7), log_snr.
     """
@@ -126,7 +127,6 @@ class NoiseSchedule(nn.Module):
             alphas_cumprod_prev=alphas_cumprod_prev,
             sqrt_alphas_cumprod=alphas_cumprod.sqrt(),
             sqrt_one_minus_alphas_cumprod=(1.0 - alphas_cumprod).sqrt(),
-            log_one_minus_alphas_cumprod=torch.log1p(-alphas_cumprod.clamp(max=1 - 1e-12)),
             sqrt_recip_alphas_cumprod=(1.0 / alphas_cumprod.clamp(min=1e-20)).sqrt(),
             sqrt_recipm1_alphas_cumprod=(1.0 / alphas_cumprod.clamp(min=1e-20) - 1.0).sqrt(),
             posterior_variance=posterior_variance,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["PRETRAINED", "LESSON_MODELS", "lesson_data", "pretrained", "pretrained_path", "pretrained_info", "lesson_model",
+__all__ = ["PRETRAINED", "LESSON_MODELS", "lesson_data", "pretrained", "pretrained_path", "pretrained_info", "write_record", "lesson_model",
            "class_name"]
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -49,6 +49,28 @@ def pretrained_path(name: str) -> Path:
         raise CheckpointError(f"the shipped model {name!r} is missing from this installation ({path}); "
                               "reinstall ddpm_nb (pip install --force-reinstall ddpm_nb) or train it yourself "
                               "with the command in its JSON file")
+    return path
+
+
+def write_record(model_file: str | Path, fields: dict, *, keep: tuple[str, ...] | None = ("quality",)) -> Path:
+    """Write the JSON record beside a shipped model file (the one writer: scripts/ship_model.py,
+    benchmarks/import_gpu_results.py and benchmarks/fid_table.py --record all call it).
+
+    `fields` replace the record's entries; those named in `keep` (every entry when None) survive from an
+    existing record unless `fields` sets them. The file's name, sha256 and size are always taken from the file itself, so a
+    record never describes another file. Written atomically."""
+    import hashlib
+
+    from .utils import atomic_write_bytes
+
+    model_file = Path(model_file)
+    path = model_file.with_suffix(".json")
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    record = {k: v for k, v in old.items() if keep is None or k in keep}
+    record.update(fields)
+    data = model_file.read_bytes()
+    record.update(file=model_file.name, sha256=hashlib.sha256(data).hexdigest(), size_mb=round(len(data) / 1e6, 2))
+    atomic_write_bytes(path, (json.dumps(record, indent=1, ensure_ascii=False) + "\n").encode())
     return path
 
 

@@ -211,7 +211,7 @@ class Trainer:
         self._interval = [0.0, 0]  # loss sum and steps of the open log interval: a resume logs alike
         self.history: list[dict] = []
         self.val_history: list[dict] = []
-        self.last_checkpoint: Path | None = None  # the last good checkpoint (see save_checkpoint)
+        self.last_checkpoint: Path | None = None  # the last good checkpoint (see write_checkpoint)
         self.notes: list[str] = []  # one line each, printed by the main process: what changed and why
         if resume and self.folder.latest.exists():
             restore_run_state(self, self.folder.latest)
@@ -348,7 +348,7 @@ class Trainer:
                 self._tb.add_image(f"samples/{tag}", make_grid(images), self.step, dataformats="HWC")
         return out
 
-    def save_checkpoint(self, loss: float | None = None) -> Path | None:
+    def write_checkpoint(self, loss: float | None = None) -> Path | None:
         """Write checkpoints/latest.pt (+ step_N.pt) when good, else step_N.pt only (main process only; see
         `checkpoint.save_run_checkpoint`)."""
         if not self.is_main:
@@ -420,7 +420,7 @@ class Trainer:
                     self._validate(report)
                 if self.is_main and work["samples"]:
                     report.note(step, f"samples {self.save_samples()[-1]}")
-                if work["ckpt"] and self.save_checkpoint(loss=float(out["loss"])) is not None:
+                if work["ckpt"] and self.write_checkpoint(loss=float(out["loss"])) is not None:
                     report.note(step, f"checkpoint {self.ckpt_dir / 'latest.pt'}")
         finally:
             report.close()

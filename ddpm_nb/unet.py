@@ -131,7 +131,7 @@ class Upsample(nn.Module):
 
 
 class _Level(nn.Module):
-    """Res blocks (+ attention) at one resolution; `blocks[i]` is (ResBlock, AttentionBlock | None)."""
+    """Res blocks (+ attention) at one resolution: `res[i]`, then `attn[i]` (an AttentionBlock or Identity)."""
 
     def __init__(self):
         super().__init__()

@@ -33,6 +33,7 @@ __all__ = [
     "is_disk_full",
     "atomic_write_bytes",
     "ConfigError",
+    "check_steps",
     "DiskFullError",
     "set_threads",
     "progress_mode",
@@ -212,6 +213,14 @@ class ConfigError(ValueError):
     exports it.)"""
 
 
+def check_steps(steps: int, timesteps: int, name: str) -> None:
+    """The one rule for a sampler's step count: 1 <= steps <= T. A ConfigError naming `name` otherwise
+    (the config's sample grids, the command line's --steps and `sample.ddim_timesteps` all call it)."""
+    if not 1 <= steps <= timesteps:
+        raise ConfigError(f"{name}: {steps} DDIM steps, but the diffusion has T = {timesteps} steps; "
+                          f"use 1 to {timesteps}")
+
+
 class DiskFullError(OSError):
     """A file could not be written for lack of space; the message names it and says nothing was lost."""
 
@@ -359,7 +368,6 @@ class TrainProgress:
            plus one line per `note` (validation loss, samples, checkpoints), so a log file grows
            by a line per interval instead of a line per step;
     off:   nothing.
-    Explained in notebooks/03_training.
     """
 
     def __init__(self, progress: bool | str, *, total: int, initial: int = 0, desc: str = ""):

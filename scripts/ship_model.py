@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
-import json
 import platform
 import time
 from pathlib import Path
 
 import torch
 
-from ddpm_nb.shipped import ASSETS, PRETRAINED
+from ddpm_nb.shipped import ASSETS, PRETRAINED, write_record
 from ddpm_nb.checkpoint import export_weights, load_checkpoint
 
 
@@ -46,9 +44,6 @@ def main(argv=None) -> None:
         wall += t - last if t >= last else t
         last = t
     record = {
-        "file": dst.name,
-        "sha256": hashlib.sha256(dst.read_bytes()).hexdigest(),
-        "size_mb": round(dst.stat().st_size / 1e6, 2),
         "what": PRETRAINED[args.name][1],
         "load_with": f'ddpm_nb.pretrained("{args.name}")',
         "trained_with": args.command,
@@ -69,12 +64,8 @@ def main(argv=None) -> None:
     }
     if args.note:
         record["note"] = args.note
-    out = dst.with_suffix(".json")
-    if out.exists():  # keep quality figures measured earlier for the same file
-        old = json.loads(out.read_text())
-        record.update({k: v for k, v in old.items() if k.startswith("quality")})
-    out.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {dst} ({record['size_mb']} MB) and {out}")
+    out = write_record(dst, record, keep=("quality",))  # quality figures measured earlier stay
+    print(f"wrote {dst} ({dst.stat().st_size / 1e6:.2f} MB) and {out}")
 
 
 if __name__ == "__main__":

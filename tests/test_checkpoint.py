@@ -281,7 +281,7 @@ def test_crash_during_checkpoint_write_keeps_previous_latest(tmp_path, monkeypat
     monkeypatch.setattr(Path, "write_bytes", crashing_write)
     tr.train_step(tr.batches.stream(tr.micro_batches_seen))
     with pytest.raises(OSError, match="simulated crash"):
-        tr.save_checkpoint()
+        tr.write_checkpoint()
     monkeypatch.undo()
     assert latest.read_bytes() == before
     assert load_checkpoint(latest)["step"] == 4
@@ -342,7 +342,7 @@ def test_a_checkpoint_written_before_the_trainer_split_still_resumes_and_samples
 def test_resuming_with_another_dataset_or_formulation_is_refused(tmp_path):
     run = tmp_path / "run"
     _trainer(run, _cfg(**{"train.steps": 4})).train()
-    for change, name in (({"data.dataset": "flowers102"}, "data.dataset"),
+    for change, name in (({"data.dataset": "npy", "data.path": "images.npy"}, "data.dataset"),
                          ({"diffusion.objective": "v"}, "diffusion.objective")):
         with pytest.raises(CheckpointError, match=rf"cannot resume .*another network, diffusion or dataset "
                                                   rf"\({name}: checkpoint"):

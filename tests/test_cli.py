@@ -195,7 +195,7 @@ def tiny_run(tmp_path_factory):
     (["sample", "{run}", "--num", "-3"], "--num must be at least 1, got -3"),
     (["sample", "{run}", "--num", "0"], "--num must be at least 1, got 0"),
     (["sample", "{run}", "--eta", "-1"], "--eta must be a number >= 0"),
-    (["sample", "{run}", "--steps", "51"], "--steps 51 is more than the model's 50 diffusion steps"),
+    (["sample", "{run}", "--steps", "51"], "--steps: 51 DDIM steps, but the diffusion has T = 50 steps; use 1 to 50"),
     (["sample", "{run}", "--guidance-scale", "3"], "--guidance-scale 3.0 has no effect: this checkpoint's model is "
                                                    "unconditional"),
     (["sample", "{run}", "--class", "1"], "--class given but this checkpoint's model is unconditional"),

@@ -109,3 +109,29 @@ def test_json_records_carry_the_inception_quality_with_its_floor(name):
     model, floor = rows[("DDIM-50", 2000)], rows[("real vs real (floor)", 2000)]
     assert 0 < floor["fid"] < model["fid"] and abs(floor["kid_mean"]) < model["kid_mean"]
     assert {("DDIM-10", 500), ("DDIM-20", 500), ("DDIM-50", 500), ("DDIM-100", 500)} <= set(rows)
+
+
+@pytest.mark.parametrize("stem", ["fashion_quick_cond", "flowers_cpu_cond", "fashion_mnist_classifier"])
+def test_each_shipped_file_matches_its_record(stem):
+    import hashlib
+
+    from ddpm_nb.shipped import ASSETS
+
+    record = json.loads((ASSETS / f"{stem}.json").read_text())
+    data = (ASSETS / f"{stem}.pt").read_bytes()
+    assert record["file"] == f"{stem}.pt" and record["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+def test_write_record_describes_the_file_it_sits_beside(tmp_path):
+    import hashlib
+
+    from ddpm_nb.shipped import write_record
+
+    model = tmp_path / "m.pt"
+    model.write_bytes(b"weights v1")
+    write_record(model, {"what": "a model", "quality": {"rows": [1]}, "sha256": "forged"})
+    model.write_bytes(b"weights v2")
+    path = write_record(model, {"what": "retrained"})                 # quality survives, the hash follows the file
+    record = json.loads(path.read_text())
+    assert record == {"what": "retrained", "quality": {"rows": [1]}, "file": "m.pt",
+                      "sha256": hashlib.sha256(b"weights v2").hexdigest(), "size_mb": 0.0}
