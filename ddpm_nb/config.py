@@ -364,10 +364,11 @@ class TrainConfig(_Base):
     ema_decay: float = _h("EMA decay of the weights", 0.9999)
     ema_start: int = _h("step at which the EMA starts tracking (before: a copy)", 0)
     ema_warmup: bool = _h("ramp the EMA decay as min(decay, (1+n)/(10+n)) after ema_start", True)
-    log_every: int = _h("steps between CSV/TensorBoard log rows", 50)
+    log_every: int = _h("steps between CSV/TensorBoard log rows; 0 = one row only at the end", 50)
     sample_every: int = _h("steps between sample grids (online and EMA); 0 = only at the end", 2000)
     eval_every: int = _h("steps between validation-loss evaluations; 0 = only at the end", 1000)
-    ckpt_every: int = _h("steps between checkpoints (latest + rotation)", 1000)
+    ckpt_every: int = _h("steps between checkpoints (latest + rotation); 0 = only at the end (of each train() "
+                         "call)", 1000)
     keep_last: int = _h("how many step-numbered checkpoints to keep besides latest", 3)
     num_samples: int = _h("images in each sample grid", 64)
     sample_steps: int = _h("DDIM steps for the final sample grids", 50)
@@ -433,7 +434,9 @@ class RunConfig(_Base):
             _need(spec.num_classes is None or self.unet.num_classes == spec.num_classes, "UNetConfig.num_classes",
                   f"{self.data.dataset} has {spec.num_classes} classes, got num_classes={self.unet.num_classes}; "
                   f"use {spec.num_classes}")
-        _need(spec.channels is None or self.unet.in_channels == spec.channels, "UNetConfig.in_channels",
+        # the built-in datasets' channels are known now; image folders and arrays are checked once read
+        _need(spec.channels is None or spec.needs_path or self.unet.in_channels == spec.channels,
+              "UNetConfig.in_channels",
               f"{self.data.dataset} has {spec.channels}-channel images, got in_channels={self.unet.in_channels}; "
               f"use {spec.channels}")
         check_steps(self.train.sample_steps, self.diffusion.timesteps, "TrainConfig.sample_steps")

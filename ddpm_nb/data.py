@@ -414,7 +414,7 @@ class ImageFiles(_Images):
 _IDX_CACHE: dict[tuple, np.ndarray] = {}
 
 
-def _read_idx(path: Path) -> np.ndarray:
+def read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (optionally .gz) of uint8 values into an array; decoded arrays are cached."""
     st = path.stat()
     key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
@@ -531,8 +531,8 @@ def _fashion_mnist(root: Path, split: str, transform: ImageTransform, *, explici
             pairs = {"test": bundled}
     where = ", ".join(dict.fromkeys(str(p[0].parent) for p in pairs.values()))
     source = f"FashionMNIST {'/'.join(pairs)} split in {where}"
-    images = np.concatenate([_read_idx(p[0]) for p in pairs.values()])
-    labels = np.concatenate([_read_idx(p[1]) for p in pairs.values()])
+    images = np.concatenate([read_idx(p[0]) for p in pairs.values()])
+    labels = np.concatenate([read_idx(p[1]) for p in pairs.values()])
     if images.shape[1:] != (28, 28) or len(images) != len(labels):
         raise DatasetNotFoundError(f"FashionMNIST files {list(pairs.values())} have unexpected shapes "
                                    f"{images.shape} / {labels.shape}; replace them with the original .gz files")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import gzip
 import hashlib
 import io
 import json
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+from ddpm_nb.data import read_idx  # noqa: E402
 from ddpm_nb.metrics import FASHION_MNIST_WEIGHTS, FashionMNISTClassifier  # noqa: E402
 from ddpm_nb.utils import atomic_write_bytes, repo_root, seed_everything  # noqa: E402
 
@@ -38,7 +38,6 @@ FILES = {
     "test_images": "t10k-images-idx3-ubyte.gz",
     "test_labels": "t10k-labels-idx1-ubyte.gz",
 }
-
 
 def find_raw_dir(explicit: str | None) -> Path:
     """The folder holding the four FashionMNIST .gz files."""
@@ -58,14 +57,11 @@ def find_raw_dir(explicit: str | None) -> Path:
         + f". Put {', '.join(FILES.values())} in one folder and pass --data FOLDER (or set DDPM_NB_DATA)."
     )
 
-
 def load_split(raw: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, 1, 28, 28) float32 in [-1, 1] and (N,) int64 labels, read with NumPy from the .gz files."""
-    images = np.frombuffer(gzip.open(raw / FILES[f"{split}_images"]).read(), np.uint8, offset=16).reshape(-1, 28, 28)
-    labels = np.frombuffer(gzip.open(raw / FILES[f"{split}_labels"]).read(), np.uint8, offset=8)
+    """(N, 1, 28, 28) float32 in [-1, 1] and (N,) int64 labels, from the .gz files (`ddpm_nb.data.read_idx`)."""
+    images, labels = read_idx(raw / FILES[f"{split}_images"]), read_idx(raw / FILES[f"{split}_labels"])
     x = torch.from_numpy(images.copy()).float().div_(127.5).sub_(1.0).unsqueeze(1)
     return x, torch.from_numpy(labels.astype(np.int64))
-
 
 @torch.no_grad()
 def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
@@ -73,7 +69,6 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
     correct = sum(int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
                   for i in range(0, len(x), batch_size))
     return correct / len(x)
-
 
 def main(argv: list[str] | None = None) -> float:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -152,7 +147,6 @@ def main(argv: list[str] | None = None) -> float:
     atomic_write_bytes(out.with_suffix(".json"), (json.dumps(meta, indent=2) + "\n").encode())
     print(f"test accuracy {100 * acc:.2f}% -> {out} ({len(data) / 1e6:.2f} MB, sha256 {meta['sha256'][:12]}...)")
     return acc
-
 
 if __name__ == "__main__":
     main()

@@ -367,3 +367,13 @@ def test_a_shipped_name_still_resolves_after_its_outputs_folder_exists(tmp_path,
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "latest.pt").write_bytes(b"x")
     assert resolve_checkpoint("myrun") == (run, run)
+
+
+def test_log_every_zero_trains_and_logs_once_at_the_end(tmp_path):
+    proc = _cli(["train", "--preset", "tiny", "--train.log_every", "0", "--steps", "4", "--train.eval_every", "0",
+                 "--train.sample_every", "0", "--train.ckpt_every", "0", "--results-dir", str(tmp_path),
+                 "--name", "r", "--no-progress"], tmp_path)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    rows = (tmp_path / "r" / "log.csv").read_text().splitlines()
+    assert len(rows) == 2 and rows[1].startswith("4,")              # the header and one row, at step 4
+    assert load_checkpoint(tmp_path / "r")["step"] == 4

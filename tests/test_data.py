@@ -597,3 +597,59 @@ def test_flowers_on_disk_finds_the_files_without_downloading(tmp_path, monkeypat
     assert data.flowers_on_disk(DataConfig(dataset="flowers102", root=str(tmp_path)))
     monkeypatch.setenv("DDPM_NB_DATA", str(tmp_path))
     assert data.flowers_on_disk()
+
+
+# ---- the registry, and CIFAR-10 through it -----------------------------------------------------------------
+def _fake_cifar10(root: Path, n: int = 6) -> np.ndarray:
+    """A cifar-10-batches-py folder in the authors' pickle format, n images per batch file."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (6 * n, 3072), dtype=np.uint8)
+    for i, name in enumerate([f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]):
+        batch = {b"data": pixels[i * n:(i + 1) * n], b"labels": list(range(i, i + n))}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    return pixels
+
+
+def test_cifar10_reads_the_authors_batches(tmp_path):
+    pixels = _fake_cifar10(tmp_path)
+    cfg = DataConfig(dataset="cifar10", root=str(tmp_path), hflip=False)
+    train, test = data.load_dataset(cfg, 32), data.load_dataset(cfg, 32, split="test")
+    assert (len(train), len(test)) == (30, 6) and data.dataset_channels(train) == 3
+    x, y = test[2]
+    expected = torch.from_numpy(pixels[32].reshape(3, 32, 32)).float() / 255 * 2 - 1   # CHW, row-major
+    torch.testing.assert_close(x, expected)
+    assert y == 7 and data.dataset_num_classes(cfg) == 10 and data.class_names("cifar10")[y] == "horse"
+    with pytest.raises(ValueError, match="CIFAR-10 has no 'val' split"):
+        data.load_dataset(cfg, 32, split="val")
+
+
+def test_cifar10_offline_and_absent_is_one_line_naming_ddpm_nb_data(tmp_path, monkeypatch):
+    monkeypatch.setenv("DDPM_NB_OFFLINE", "1")
+    monkeypatch.setenv("DDPM_NB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("DDPM_NB_DATA", str(tmp_path))
+    with pytest.raises(data.DatasetNotFoundError) as err:
+        data.load_dataset(DataConfig(dataset="cifar10"), 32)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("CIFAR-10 not found. Looked in:") and "DDPM_NB_DATA" in msg
+    assert "cifar-10-batches-py" in msg and "downloads by itself" in msg
+
+
+def test_the_registry_is_what_config_presets_and_lessons_read():
+    from ddpm_nb.config import ConfigError, RunConfig, preset
+    from ddpm_nb.shipped import class_name, lesson_data
+
+    assert list(data.DATASETS) == ["fashion-mnist", "flowers102", "cifar10", "imagefolder", "npy"]
+    assert preset("ddpm-cifar10").data.dataset == "cifar10"
+    assert len(data.FLOWERS102_CLASSES) == len(set(data.FLOWERS102_CLASSES)) == 102
+    assert class_name("flowers102", 0) == "pink primrose" and class_name("flowers102", 101) == "blackberry lily"
+    assert lesson_data("flowers102") == {"data.dataset": "flowers102", "unet.num_classes": 102, "unet.in_channels": 3}
+    with pytest.raises(ConfigError, match="DataConfig.dataset: unknown dataset 'cifar'; allowed: fashion-mnist, "
+                                          "flowers102, cifar10, imagefolder, npy"):
+        DataConfig(dataset="cifar")
+    with pytest.raises(ConfigError, match="UNetConfig.in_channels: cifar10 has 3-channel images, got in_channels=1"):
+        preset("tiny").override({"data.dataset": "cifar10"})
+    with pytest.raises(ConfigError, match="UNetConfig.num_classes: cifar10 has 10 classes, got num_classes=102"):
+        RunConfig.from_dict({**preset("ddpm-cifar10").to_dict(), "data": {"dataset": "cifar10", "class_cond": True},
+                             "unet": {**preset("ddpm-cifar10").to_dict()["unet"], "num_classes": 102}})
