@@ -42,7 +42,7 @@ def sampler(model, diffusion, cfg, steps: int, seed: int, batch: int, eta: float
         if cfg.unet.num_classes:
             y = torch.arange(drawn[0], drawn[0] + n, device=device) % cfg.unet.num_classes
         drawn[0] += n
-        return sample(model, diffusion, n, method="ddim", steps=steps, eta=eta, y=y, generator=gen,
+        return sample(model, diffusion, n, sampler="ddim", steps=steps, eta=eta, y=y, generator=gen,
                       progress=False, device=device)
     return fn
 

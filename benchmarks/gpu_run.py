@@ -92,7 +92,7 @@ class FlowersPlan:
     guidance_scale: float       # classifier-free guidance of the samples (1 = plain conditional)
     grid: int                   # images in the grid (the first samples: classes 0, 1, 2, ...)
     gif_images: int
-    gif_sampler: tuple          # ("ddpm", T) or ("ddim", steps): the chain the GIF shows
+    gif_sampler: tuple          # (a name in ddpm_nb.sample.SAMPLERS, steps): the chain the GIF shows
     gif_frames: int
 
 
@@ -311,7 +311,7 @@ def half_state(cfg: RunConfig, ema_model: torch.nn.Module, step: int) -> dict:
 def stage_flowers(ctx: Context, deadline: float) -> dict:
     """Train on the packed Flowers102 until the clock says stop, then save weights, grid, GIF and samples."""
     from ddpm_nb.animate import chain_frames, write_gif
-    from ddpm_nb.sample import ddim_sample, ddpm_sample
+    from ddpm_nb.sample import ddim_sample, run_sampler
     from ddpm_nb.checkpoint import load_model, save_checkpoint
     from ddpm_nb.train import Trainer
     from ddpm_nb.unet import count_parameters
@@ -401,19 +401,15 @@ def stage_flowers(ctx: Context, deadline: float) -> dict:
     y = torch.arange(plan.gif_images, device=device) * 7 % FLOWERS_CLASSES
     gen = torch.Generator(device).manual_seed(1)
     kind, steps_gif = plan.gif_sampler
-    if kind == "ddpm":
-        _, traj = ddpm_sample(model, diffusion, shape, y=y, guidance_scale=plan.guidance_scale, generator=gen,
-                              return_trajectory=True, progress=False, device=device, dtype=dtype)
-    else:
-        _, traj = ddim_sample(model, diffusion, shape, steps=steps_gif, y=y, guidance_scale=plan.guidance_scale,
-                              generator=gen, return_trajectory=True, progress=False, device=device, dtype=dtype)
+    _, traj = run_sampler(model, diffusion, shape, kind, steps=steps_gif, y=y, guidance_scale=plan.guidance_scale,
+                          generator=gen, return_trajectory=True, progress=False, device=device, dtype=dtype)
     frames = chain_frames(traj.x_t, traj.x0_pred, num_frames=plan.gif_frames, timesteps=traj.timesteps,
                           scale=max(1, 32 // plan.unet.image_size))
     write_gif(frames, ctx.out / "flowers_chain.gif")
     gif_s = time.perf_counter() - t2
     return {"flowers": {
         **result,
-        "samples": {"n": int(len(images)), "files": files, "method": "ddim", "steps": plan.sample_steps,
+        "samples": {"n": int(len(images)), "files": files, "sampler": "ddim", "steps": plan.sample_steps,
                     "eta": 0.0, "guidance_scale": plan.guidance_scale, "labels": f"i % {FLOWERS_CLASSES}",
                     "seed": 0, "batch": plan.sample_batch, "dtype": "bf16" if dtype is not None else "fp32",
                     "seconds": round(sample_s, 1),

@@ -46,9 +46,9 @@ def sample_speed(num: int, steps: int) -> float:
     cfg = preset("quick")
     torch.manual_seed(0)
     model, diffusion = UNet(cfg.unet).eval(), GaussianDiffusion(cfg.diffusion)
-    sample(model, diffusion, 4, method="ddim", steps=2, progress=False, device="cpu")  # warm-up
+    sample(model, diffusion, 4, sampler="ddim", steps=2, progress=False, device="cpu")  # warm-up
     t0 = time.perf_counter()
-    sample(model, diffusion, num, method="ddim", steps=steps, progress=False, device="cpu",
+    sample(model, diffusion, num, sampler="ddim", steps=steps, progress=False, device="cpu",
            generator=torch.Generator().manual_seed(0))
     return num / (time.perf_counter() - t0)
 

@@ -201,13 +201,30 @@ def _checkpoint(args) -> tuple[Path, Path]:
     return args.resolved_checkpoint
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults after each flag, and the sampler table of the epilog kept as it is laid out."""
+
+
 def _sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help=CHECKPOINT_HELP)
-    p.add_argument("--method", choices=["ddim", "ddpm"], default="ddim", help="sampler (default ddim)")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (ignored by ddpm, which uses all T)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 ancestral")
-    p.add_argument("--spacing", choices=["uniform", "linspace", "trailing"], default="uniform",
-                   help="which timesteps DDIM visits")
+    from .sample import DEFAULT_SAMPLER, DEFAULT_STEPS, LEVELS, VARIANCES, describe_samplers
+
+    p.epilog = "samplers (--sampler NAME):\n" + describe_samplers()
+    p.formatter_class = _HelpFormatter
+    p.add_argument("checkpoint", nargs="?", help=CHECKPOINT_HELP)
+    p.add_argument("--sampler", "--method", dest="sampler", default=DEFAULT_SAMPLER, metavar="NAME",
+                   help="the sampler, from the table below (--method is its older name)")
+    p.add_argument("--list-samplers", action="store_true", help="print the table of samplers and exit")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"sampler steps (default: all T for ddpm, {DEFAULT_STEPS} for the others; heun costs "
+                        "2 network calls a step)")
+    p.add_argument("--eta", type=float, default=None, help="ddim only: 0 deterministic (default), 1 ancestral")
+    p.add_argument("--variance", choices=VARIANCES, default=None, help="ddpm only (default fixed_small)")
+    p.add_argument("--spacing", choices=LEVELS, default=None,
+                   help="which levels the chain visits (default: the sampler's own, in the table below)")
+    p.add_argument("--sigma-max", type=float, default=None,
+                   help="start the chain at this noise level sigma = sqrt((1 - abar) / abar) "
+                        "(default: the sampler's own, in the table below)")
+    p.add_argument("--no-clip", action="store_true", help="do not clip the predicted x0 to [-1, 1]")
     p.add_argument("--guidance-scale", type=float, default=1.0,
                    help="classifier-free guidance scale for class-conditional models (1 = plain conditional)")
     p.add_argument("--class", dest="label", type=int, default=None,
@@ -228,9 +245,16 @@ def _check_sampling_args(args) -> None:
         if not ok:
             raise ConfigError(f"{flag} must be {what}, got {value}")
 
-    need(args.steps >= 1, "--steps", "at least 1", args.steps)
-    need(math.isfinite(args.eta) and args.eta >= 0, "--eta", "a number >= 0 (0 deterministic, 1 ancestral)",
-         args.eta)
+    from .sample import get_sampler
+
+    if args.checkpoint is None:
+        raise ConfigError(f"{args.command}: give a checkpoint (a run folder, a .pt file or a shipped model name)")
+    get_sampler(args.sampler)
+    need(args.steps is None or args.steps >= 1, "--steps", "at least 1", args.steps)
+    need(args.eta is None or (math.isfinite(args.eta) and args.eta >= 0), "--eta",
+         "a number >= 0 (0 deterministic, 1 ancestral)", args.eta)
+    need(args.sigma_max is None or (math.isfinite(args.sigma_max) and args.sigma_max > 0), "--sigma-max",
+         "a number > 0", args.sigma_max)
     need(math.isfinite(args.guidance_scale) and args.guidance_scale >= 0, "--guidance-scale", "a number >= 0",
          args.guidance_scale)
     need(args.num >= (2 if args.command == "fid" else 1), "--num",
@@ -252,7 +276,7 @@ def _load_for_sampling(args):
 
     _check_sampling_args(args)
     model, diffusion, cfg = load_model(_checkpoint(args)[0], ema=not args.online, device=args.device)
-    if args.method == "ddim":
+    if args.steps is not None:
         check_steps(args.steps, diffusion.timesteps, "--steps")
     labels = None
     if cfg.unet.num_classes:
@@ -268,15 +292,28 @@ def _load_for_sampling(args):
     elif args.guidance_scale != 1.0:
         raise ConfigError(f"--guidance-scale {args.guidance_scale} has no effect: this checkpoint's model is "
                           "unconditional (num_classes=None); leave it at 1")
-    kw = dict(method=args.method, steps=args.steps, eta=args.eta, y=labels, guidance_scale=args.guidance_scale,
+    kw = dict(sampler=args.sampler, steps=args.steps, eta=args.eta, variance=args.variance, spacing=args.spacing,
+              sigma_max=args.sigma_max, clip_x0=not args.no_clip, y=labels, guidance_scale=args.guidance_scale,
               generator=device_generator(next(model.parameters()).device, args.seed), progress=not args.no_progress,
               dtype=torch.bfloat16 if args.bf16 else None)
-    if args.method == "ddim":
-        kw["spacing"] = args.spacing
-    else:
-        kw.pop("steps"), kw.pop("eta")
+    args.plan = _plan(diffusion, kw)  # every option checked against the sampler before any work
     _warn_if_busy(next(model.parameters()).device)
     return model, diffusion, cfg, kw
+
+
+def _plan(diffusion, kw):
+    """The levels this command's chain visits; a ConfigError for any option the sampler cannot honour."""
+    from .sample import _check_options, get_sampler, make_plan
+
+    sampler = get_sampler(kw["sampler"])
+    sampler.coefficients(make_plan(diffusion, 1, "uniform"), **_check_options(sampler, dict(
+        eta=kw["eta"], variance=kw["variance"])))
+    steps = kw["steps"] if kw["steps"] is not None else sampler.default_steps(diffusion)
+    return make_plan(diffusion, steps, kw["spacing"] or sampler.default_spacing, sigma_max=kw["sigma_max"])
+
+
+def _tag(args) -> str:
+    return f"{args.sampler}{args.plan.steps}_seed{args.seed}"
 
 
 def _out_dir(args, sub: str) -> Path:
@@ -295,7 +332,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     model, diffusion, cfg, kw = _load_for_sampling(args)
     images = sample(model, diffusion, args.num, **kw)
     out = _out_dir(args, "samples_cli")
-    tag = f"{args.method}{args.steps if args.method == 'ddim' else ''}_seed{args.seed}"
+    tag = _tag(args)
     grid = save_image(images, out / f"grid_{tag}.png", scale=2 if cfg.unet.image_size < 64 else 1)
     (out / "images").mkdir(exist_ok=True)
     for i, img in enumerate(images):
@@ -306,16 +343,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def cmd_animate(args: argparse.Namespace) -> int:
     from .animate import chain_frames, frame_schedule, write_gif, write_mp4
-    from .sample import ddim_timesteps, sample
+    from .sample import sample
 
     model, diffusion, cfg, kw = _load_for_sampling(args)
-    steps = diffusion.timesteps if args.method == "ddpm" else len(ddim_timesteps(diffusion.timesteps, args.steps,
-                                                                                  args.spacing))
-    keep = frame_schedule(steps + 1, args.frames)  # record only the frames the GIF shows
+    keep = frame_schedule(args.plan.steps + 1, args.frames)  # record only the frames the GIF shows
     _, traj = sample(model, diffusion, args.num, return_trajectory=True, trajectory_steps=keep, **kw)
     frames = chain_frames(traj.x_t, traj.x0_pred, num_frames=len(keep), scale=args.scale, timesteps=traj.timesteps)
     out = _out_dir(args, "animations")
-    stem = f"chain_{args.method}{args.steps if args.method == 'ddim' else ''}_seed{args.seed}"
+    stem = f"chain_{_tag(args)}"
     written = [write_gif(frames, out / f"{stem}.gif", fps=args.fps)]
     if not args.no_mp4:
         written.append(write_mp4(frames, out / f"{stem}.mp4", fps=args.fps))
@@ -358,8 +393,11 @@ def cmd_fid(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     result = metrics.evaluate(sample_fn, real, extractor, num_samples=args.num, batch_size=args.batch,
                               device=device, progress=not args.no_progress)
-    result.update(checkpoint=str(args.checkpoint), method=args.method,
-                  steps=args.steps if args.method == "ddim" else diffusion.timesteps, eta=args.eta,
+    from .sample import get_sampler
+
+    result.update(checkpoint=str(args.checkpoint), sampler=args.sampler, steps=args.plan.steps,
+                  nfe=get_sampler(args.sampler).nfe(args.plan.steps), spacing=kw["spacing"],
+                  sigma_start=args.plan.sigma[0], eta=args.eta, clip_x0=kw["clip_x0"],
                   guidance_scale=args.guidance_scale, split=args.split, seconds=time.perf_counter() - started,
                   device=str(device))
     out = _out_dir(args, ".") / "fid.jsonl"
@@ -465,6 +503,10 @@ def main(argv: list[str] | None = None) -> int:
                 set_threads(args.threads)
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
+        if getattr(args, "list_samplers", False):
+            from .sample import describe_samplers
+            print(describe_samplers())
+            return 0
         return args.func(args)
     except (ConfigError, CheckpointError, DatasetNotFoundError, TrainingDivergedError, FileExistsError,
             PermissionError, DiskFullError, ValueError) as exc:

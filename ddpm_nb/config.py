@@ -371,8 +371,10 @@ class TrainConfig(_Base):
                          "call)", 1000)
     keep_last: int = _h("how many step-numbered checkpoints to keep besides latest", 3)
     num_samples: int = _h("images in each sample grid", 64)
-    sample_steps: int = _h("DDIM steps for the final sample grids", 50)
-    preview_steps: int = _h("DDIM steps for the sample grids before the last step (at most sample_steps)", 20)
+    sampler: str = _h("the sampler of the sample grids: a name in ddpm_nb.sample.SAMPLERS (python -m ddpm_nb "
+                      "sample --list-samplers)", "ddim")
+    sample_steps: int = _h("sampler steps for the final sample grids", 50)
+    preview_steps: int = _h("sampler steps for the sample grids before the last step (at most sample_steps)", 20)
     sample_weights: str = _h("which weights draw the sample grids: 'both' (online and EMA), 'ema' or 'online'",
                              "both")
     sample_amp: str = _h("precision of the sample grids: 'auto' (bf16 where it is native: GPUs with bf16, CPUs "

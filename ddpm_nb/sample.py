@@ -1,15 +1,30 @@
-"""Samplers: DDPM ancestral sampling (Algorithm 2) and DDIM (Song et al. 2021), with guidance.
+"""Samplers: one contract, one registry. DDPM (Algorithm 2), DDIM (Song et al. 2021), Euler and Heun in
+the EDM parameterisation (Karras et al. 2022), DPM-Solver++ 2M and its SDE variant (Lu et al. 2022).
 
-Explained in notebooks/04_sampling.
+Explained in notebooks/04_sampling (DDPM, DDIM) and notebooks/09_fast_samplers (the score/ODE view and
+the rest).
+
+The contract, comparable to diffusers' `set_timesteps` / `step`:
+- a sampler chooses the noise levels it visits (`Sampler.plan`: model timesteps t_0 > t_1 > ... and their
+  alpha-bars, ending at the clean level alpha-bar = 1), with every coefficient computed once per chain in
+  double precision on the host;
+- `predict` turns the network's output (eps, x0 or v) into the pair (eps, x0) at a level;
+- `Sampler.step` maps (x at level i, the prediction there, i[, noise]) to x at level i + 1;
+- `SAMPLERS` maps each name to its sampler: the only place names live. `sample()`, the command line,
+  the trainer's sample grids, the benchmarks and the lessons all read it.
+
+All samplers work on the variance-preserving x_t = sqrt(abar) x0 + sqrt(1 - abar) eps. The ODE samplers
+are written in the paper's variables: sigma = sqrt((1 - abar) / abar) (EDM: x_t / sqrt(abar) = x0 + sigma eps)
+and lambda = log(sqrt(abar) / sqrt(1 - abar)) = -log sigma (DPM-Solver).
 
 Every sampler takes an explicit `torch.Generator` for reproducible noise, can return the whole
 trajectory (x_t and the predicted x0 at every step, or only the steps asked for, for figures and
 GIFs), and shows a tqdm progress bar that `progress=False` turns off.
 
 On a GPU the chain never waits for the host: noise is drawn on the generator's device (use
-`device_generator`), recorded steps stay on the device until one copy at the end, and the DDIM
-coefficients are Python floats computed once per chain (no float64 tensor ever reaches the device,
-which Apple's MPS could not hold).
+`device_generator`), recorded steps stay on the device until one copy at the end, and the coefficients
+are Python floats computed once per chain (no float64 tensor ever reaches the device, which Apple's MPS
+could not hold).
 """
 from __future__ import annotations
 
@@ -22,9 +37,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .diffusion import GaussianDiffusion
-from .utils import check_steps
+from .utils import ConfigError, check_steps
 
 __all__ = [
+    "SAMPLERS",
+    "DEFAULT_SAMPLER",
+    "Sampler",
+    "Plan",
+    "Prediction",
+    "predict",
+    "get_sampler",
+    "describe_samplers",
+    "run_sampler",
+    "karras_sigmas",
     "Trajectory",
     "device_generator",
     "model_output",
@@ -37,7 +62,8 @@ __all__ = [
     "sample",
 ]
 
-SPACINGS = ("uniform", "linspace", "trailing")
+SPACINGS = ("uniform", "linspace", "trailing")  # the integer spacings of ddim_timesteps
+LEVELS = SPACINGS + ("karras",)  # what a sampler's `spacing` may be
 VARIANCES = ("fixed_small", "fixed_large")
 
 
@@ -138,56 +164,6 @@ def p_sample(model: nn.Module, diffusion: GaussianDiffusion, x_t: torch.Tensor, 
     return mean + torch.exp(0.5 * log_var) * noise, x0
 
 
-def ddpm_sample(model: nn.Module, diffusion: GaussianDiffusion, shape: tuple, *, y: torch.Tensor | None = None,
-                guidance_scale: float = 1.0, variance: str = "fixed_small", clip_x0: bool = True,
-                generator: torch.Generator | None = None, x_T: torch.Tensor | None = None,
-                return_trajectory: bool = False, trajectory_steps=None, progress: bool = True, device=None,
-                dtype: torch.dtype | None = None):
-    """Ancestral sampling over all T steps (Algorithm 2). shape = (B, C, H, W).
-
-    Noise is drawn from `generator` in a fixed order: x_T first, then one draw per step for t > 0.
-    Returns the samples (B, C, H, W) in [-1, 1] (float32), or (samples, Trajectory).
-    `trajectory_steps`: the chain entries (0 = the noise .. T = the sample) the Trajectory keeps,
-    e.g. `animate.frame_schedule(T + 1, 60)`; default all. They stay on the device until the end.
-    `dtype` (e.g. torch.bfloat16) runs the network under autocast.
-    """
-    if variance not in VARIANCES:
-        raise ValueError(f"variance must be one of {VARIANCES}, got {variance!r}")
-    device, x = _prepare(model, shape, x_T, generator, device)
-    ts = list(range(diffusion.timesteps - 1, -1, -1))
-    return _run(model, ts, x, return_trajectory, trajectory_steps, progress, "DDPM", device, dtype,
-                lambda x, t, t_prev: p_sample(model, diffusion, x, t, y=y, guidance_scale=guidance_scale,
-                                              variance=variance, clip_x0=clip_x0,
-                                              noise=_randn(shape, generator, device) if t > 0 else None))
-
-
-def _run(model, ts, x, return_trajectory, trajectory_steps, progress, desc, device, dtype, step):
-    n = len(ts)
-    keep = set(range(n + 1)) if trajectory_steps is None else {int(i) for i in trajectory_steps}
-    if return_trajectory and not keep <= set(range(n + 1)):
-        raise ValueError(f"trajectory_steps must be chain entries 0..{n} (this chain has {n} steps), "
-                         f"got {sorted(keep - set(range(n + 1)))[:5]}")
-    xs, x0s = [], []  # kept entries, on the device: one copy to the CPU at the end, not one per step
-    with _eval_mode(model), _autocast(device, dtype):
-        for i in tqdm(range(n), desc=desc, disable=not progress, leave=False):
-            t, t_prev = ts[i], ts[i + 1] if i + 1 < n else -1
-            x_next, x0 = step(x, t, t_prev)
-            if return_trajectory and i in keep:
-                xs.append(x.float())
-                x0s.append(x0.float())
-            x = x_next.float()
-    x = x.clamp(-1.0, 1.0)
-    if not return_trajectory:
-        return x
-    if n in keep:
-        xs.append(x)
-        x0s.append(x)
-    steps = sorted(keep)
-    timesteps = [(list(ts) + [-1])[i] for i in steps]
-    return x, Trajectory(timesteps=timesteps, x_t=torch.stack(xs).cpu(), x0_pred=torch.stack(x0s).cpu(),
-                         steps=steps)
-
-
 def _round_ratio(num: int, den: int) -> int:
     """round(num / den) exactly, halves to even as numpy/torch round: integer arithmetic, because
     float32 `linspace(0, T - 1, steps).round()` lands one off (T = 4000, steps = 2682 gave 2310 for
@@ -257,43 +233,467 @@ def ddim_step(diffusion: GaussianDiffusion, x_t: torch.Tensor, t: int, t_prev: i
     return x_prev
 
 
-def ddim_sample(model: nn.Module, diffusion: GaussianDiffusion, shape: tuple, *, steps: int = 50,
-                eta: float = 0.0, spacing: str = "uniform", y: torch.Tensor | None = None,
+
+# ---- the contract: levels, predictions, samplers ------------------------------------------------------
+
+class Plan:
+    """The noise levels one chain visits, noisiest first: the network is called at `t[i]` (an int on the
+    schedule's grid, or a float between grid points for Karras levels), where alpha-bar is `abar[i]`.
+    `abar` has one more entry, 1.0 (the clean image), so a chain of `steps = len(t)` steps goes from
+    level i to level i + 1. Every quantity a step needs is here as Python floats (double precision),
+    computed once: a = sqrt(abar), s = sqrt(1 - abar), sigma = s / a, lam = log(a / s).
+    """
+
+    def __init__(self, t, abar, one_minus):
+        if len(abar) != len(t) + 1 or len(one_minus) != len(abar):
+            raise ValueError("a Plan needs one alpha-bar per timestep plus the final 1.0")
+        self.t = tuple(t)
+        self.abar = tuple(float(v) for v in abar)
+        self.one_minus = tuple(float(v) for v in one_minus)  # 1 - abar, kept exact near abar = 1
+        self.a = tuple(math.sqrt(v) for v in self.abar)
+        self.s = tuple(math.sqrt(max(v, 0.0)) for v in self.one_minus)
+        self.sigma = tuple(s / a if a > 0 else math.inf for a, s in zip(self.a, self.s))
+        self.lam = tuple(math.log(a / s) if s > 0 and a > 0 else (math.inf if s == 0 else -math.inf)
+                         for a, s in zip(self.a, self.s))
+
+    @property
+    def steps(self) -> int:
+        return len(self.t)
+
+    def __repr__(self) -> str:
+        return f"Plan(steps={self.steps}, t={list(self.t)[:3]}...{list(self.t)[-1:]}, sigma_max={self.sigma[0]:.4g})"
+
+
+def sigma_of(diffusion: GaussianDiffusion, t: int) -> float:
+    """sigma_t = sqrt((1 - abar_t) / abar_t) of the integer timestep t (double precision)."""
+    return math.sqrt(diffusion.one_minus_alphas_cumprod_host[t] / diffusion.alphas_cumprod_host[t])
+
+
+def _t_of_sigma(diffusion: GaussianDiffusion, sigma: float) -> float:
+    """The (fractional) model timestep of noise level sigma: log sigma interpolated linearly between the
+    integer timesteps around it (as diffusers' `_sigma_to_t`), clamped to [0, T - 1]."""
+    logs = [math.log(sigma_of(diffusion, t)) for t in range(diffusion.timesteps)]
+    target = math.log(sigma)
+    if target <= logs[0]:
+        return 0.0
+    if target >= logs[-1]:
+        return float(diffusion.timesteps - 1)
+    hi = next(i for i, v in enumerate(logs) if v > target)
+    lo = hi - 1
+    w = (logs[lo] - target) / (logs[lo] - logs[hi])
+    return (1 - w) * lo + w * hi
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> list[float]:
+    """The EDM noise levels (Karras et al. 2022, eq. 5): sigma_i = (sigma_max^(1/rho) + i / (n - 1) *
+    (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho for i = 0 .. n-1, descending; rho = 7 spends more steps
+    at low noise, where detail forms."""
+    if n == 1:
+        return [sigma_max]
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return [(hi + i / (n - 1) * (lo - hi)) ** rho for i in range(n)]
+
+
+def _start_step(diffusion: GaussianDiffusion, sigma_max: float | None) -> int:
+    """The last integer timestep a chain may start at: T - 1, or the largest t with sigma_t <= sigma_max."""
+    T = diffusion.timesteps
+    if sigma_max is None:
+        return T - 1
+    lo, hi = sigma_of(diffusion, 0), sigma_of(diffusion, T - 1)
+    if not (math.isfinite(sigma_max) and lo <= sigma_max <= hi):
+        raise ConfigError(f"sigma_max must lie within this schedule's noise levels, {lo:.4g} to {hi:.4g} "
+                          f"(sigma_t of t = 0 and t = T - 1), got {sigma_max}")
+    return max(t for t in range(T) if sigma_of(diffusion, t) <= sigma_max * (1 + 1e-12))
+
+
+def make_plan(diffusion: GaussianDiffusion, steps: int, spacing: str = "uniform", *, sigma_max: float | None = None,
+              timesteps=None, rho: float = 7.0) -> Plan:
+    """The levels of a chain of `steps` steps. `spacing`: "uniform", "linspace" or "trailing" pick integer
+    timesteps (`ddim_timesteps`) among 0 .. t_max; "karras" puts `steps` levels on the rho-ramp from
+    sigma_max down to sigma_0, each at a fractional timestep. t_max (and the Karras sigma_max) is the
+    last timestep, T - 1, unless `sigma_max` is given. `timesteps`: an explicit descending list of
+    integer timesteps instead (as diffusers' `set_timesteps(timesteps=...)`).
+    """
+    ab, om = diffusion.alphas_cumprod_host, diffusion.one_minus_alphas_cumprod_host
+    T = diffusion.timesteps
+    if timesteps is not None:
+        ts = [int(t) for t in timesteps]
+        if not ts or any(not 0 <= t < T for t in ts) or any(a <= b for a, b in zip(ts, ts[1:])):
+            raise ConfigError(f"timesteps must be distinct integers in 0..{T - 1}, in descending order")
+        return Plan(ts, [ab[t] for t in ts] + [1.0], [om[t] for t in ts] + [0.0])
+    if spacing not in LEVELS:
+        raise ConfigError(f"spacing must be one of {', '.join(LEVELS)}, got {spacing!r}")
+    check_steps(steps, T, "steps")
+    t_max = _start_step(diffusion, sigma_max)
+    if spacing != "karras":
+        ts = ddim_timesteps(t_max + 1, min(steps, t_max + 1), spacing)
+        return Plan(ts, [ab[t] for t in ts] + [1.0], [om[t] for t in ts] + [0.0])
+    sigmas = karras_sigmas(sigma_of(diffusion, 0), sigma_max or sigma_of(diffusion, T - 1), steps, rho)
+    ts = [_t_of_sigma(diffusion, s) for s in sigmas]
+    return Plan(ts, [1 / (1 + s * s) for s in sigmas] + [1.0], [s * s / (1 + s * s) for s in sigmas] + [0.0])
+
+
+@dataclass
+class Prediction:
+    """What the network says at one level, as the pair every sampler uses: eps (the noise in x) and x0
+    (the clean image), both float32, consistent: x = a x0 + s eps."""
+
+    eps: torch.Tensor
+    x0: torch.Tensor
+
+
+def predict(diffusion: GaussianDiffusion, out: torch.Tensor, x: torch.Tensor, a: float, s: float, *,
+            clip_x0: bool = True) -> Prediction:
+    """The network output `out` at a level with sqrt(abar) = a, sqrt(1 - abar) = s, turned into (eps, x0)
+    for the diffusion's objective: eps: x0 = (x - s eps) / a; x0: eps = (x - a x0) / s; v (Salimans & Ho
+    2022): x0 = a x - s v, eps = s x + a v. With `clip_x0`, x0 is clamped to [-1, 1] and eps re-derived
+    from it, so the step stays consistent with the clipped estimate. Equals `diffusion.split_output` at
+    integer timesteps (tested); this form also serves levels between them.
+    """
+    out, x = out.float(), x.float()
+    obj = diffusion.cfg.objective
+    if obj == "eps":
+        eps, x0 = out, (x - s * out) / a
+    elif obj == "x0":
+        x0, eps = out, (x - a * out) / s
+    else:
+        x0, eps = a * x - s * out, s * x + a * out
+    if clip_x0:
+        x0 = x0.clamp(-1.0, 1.0)
+        eps = (x - a * x0) / s
+    return Prediction(eps, x0)
+
+
+class Sampler:
+    """One sampler: the levels it visits (`plan`) and its update (`step`). Subclasses set:
+    name, order (of the ODE solver; 1 for the stochastic first-order ones), nfe_per_step, stochastic,
+    default_spacing, options (the keyword options it takes besides steps and spacing) and summary.
+
+    `step(i, x, pred, ctx)` maps x at level i, with `pred` (the network's Prediction there), to x at level
+    i + 1. `ctx` gives the plan, this chain's coefficients (`coefficients(plan, **options)`, computed once),
+    `ctx.noise()` (a fresh N(0, I) draw, in the chain's fixed order), `ctx.denoise(x, level)` (one more
+    network evaluation, for Heun) and `ctx.state` (a dict a multistep sampler keeps its history in).
+    """
+
+    name = ""
+    order = 1
+    nfe_per_step = 1
+    stochastic = False
+    default_spacing = "uniform"
+    options: tuple = ()
+    summary = ""
+
+    def default_steps(self, diffusion: GaussianDiffusion) -> int:
+        return DEFAULT_STEPS
+
+    def nfe(self, steps: int) -> int:
+        """Network evaluations of a chain of `steps` steps (guidance doubles the batch, not the count)."""
+        return steps * self.nfe_per_step
+
+    def steps_for_nfe(self, nfe: int) -> int:
+        """The most steps whose chain costs at most `nfe` network evaluations."""
+        return max(1, nfe // self.nfe_per_step)
+
+    def coefficients(self, plan: Plan, **options) -> list:
+        return [None] * plan.steps
+
+    def step(self, i: int, x: torch.Tensor, pred: Prediction, ctx) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<sampler {self.name}: order {self.order}, {self.nfe_per_step} NFE/step>"
+
+
+class DDPM(Sampler):
+    """Ancestral sampling (Ho et al. 2020, Algorithm 2, line 4): x_prev ~ N(mu(x_t, x0), var), with
+    mu = sqrt(abar_prev) beta'/(1 - abar_t) x0 + sqrt(alpha') (1 - abar_prev)/(1 - abar_t) x_t (eq. 7),
+    alpha' = abar_t / abar_prev, beta' = 1 - alpha'. var: "fixed_small" beta-tilde = beta' (1 - abar_prev)/
+    (1 - abar_t), "fixed_large" beta' (Section 3.2). With fewer than T steps these are the respaced
+    betas of Nichol & Dhariwal (2021, Section 4). No noise is added on the last step."""
+
+    name, order, stochastic, default_spacing = "ddpm", 1, True, "uniform"
+    options = ("variance",)
+    summary = "ancestral sampling (DDPM Algorithm 2), all T steps by default"
+
+    def default_steps(self, diffusion):
+        return diffusion.timesteps
+
+    def coefficients(self, plan, variance="fixed_small"):
+        if variance not in VARIANCES:
+            raise ConfigError(f"variance must be one of {', '.join(VARIANCES)}, got {variance!r}")
+        out = []
+        for i in range(plan.steps):
+            ab_t, ab_p, om_t, om_p = plan.abar[i], plan.abar[i + 1], plan.one_minus[i], plan.one_minus[i + 1]
+            alpha = ab_t / ab_p
+            beta = 1.0 - alpha
+            var = beta * om_p / om_t if variance == "fixed_small" else beta
+            out.append((math.sqrt(ab_p) * beta / om_t, math.sqrt(alpha) * om_p / om_t, math.sqrt(var)))
+        return out
+
+    def step(self, i, x, pred, ctx):
+        c_x0, c_x, std = ctx.coefficients[i]
+        mean = c_x0 * pred.x0 + c_x * x
+        return mean if i == ctx.plan.steps - 1 else mean + std * ctx.noise()
+
+
+class DDIM(Sampler):
+    """DDIM (Song et al. 2021, eq. 12): x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps
+    + sigma z, sigma = eta sqrt((1 - abar_prev)/(1 - abar_t)) sqrt(1 - abar_t/abar_prev) (eq. 16).
+    eta = 0 is deterministic (and is the Euler step of the probability-flow ODE in x/sqrt(abar), sigma:
+    see `Euler`); eta = 1 on every step is DDPM with fixed_small."""
+
+    name, order, default_spacing = "ddim", 1, "uniform"
+    options = ("eta",)
+    summary = "DDIM; eta = 0 deterministic, eta > 0 adds fresh noise"
+
+    def coefficients(self, plan, eta=0.0):
+        if not (math.isfinite(eta) and eta >= 0):
+            raise ConfigError(f"eta must be a number >= 0 (0 deterministic, 1 ancestral), got {eta}")
+        return [_ddim_coefficients(plan.abar, plan.one_minus, i, i + 1, eta) for i in range(plan.steps)]
+
+    def step(self, i, x, pred, ctx):
+        c_x0, c_eps, sigma = ctx.coefficients[i]
+        x_prev = c_x0 * pred.x0 + c_eps * pred.eps
+        return x_prev + sigma * ctx.noise() if sigma > 0 and i < ctx.plan.steps - 1 else x_prev
+
+
+class Euler(Sampler):
+    """Euler on the probability-flow ODE in EDM form (Karras et al. 2022, Algorithm 1 without the
+    correction): with x~ = x / sqrt(abar) = x0 + sigma eps, dx~/dsigma = (x~ - D(x~; sigma)) / sigma = eps
+    (eq. 3 and 7), so x~_{i+1} = x~_i + (sigma_{i+1} - sigma_i) eps_i. On the same levels this is
+    exactly DDIM with eta = 0 (lesson 09 asserts it); its default levels are the Karras ramp (eq. 5)."""
+
+    name, order, default_spacing = "euler", 1, "karras"
+    summary = "Euler on the probability-flow ODE (EDM), Karras levels"
+
+    def coefficients(self, plan):
+        return [(plan.a[i + 1] / plan.a[i], plan.a[i + 1] * (plan.sigma[i + 1] - plan.sigma[i]))
+                for i in range(plan.steps)]
+
+    def step(self, i, x, pred, ctx):
+        c_x, c_d = ctx.coefficients[i]
+        return c_x * x + c_d * pred.eps
+
+
+class Heun(Sampler):
+    """Heun's second-order method (Karras et al. 2022, Algorithm 1, lines 5-8, no churn): an Euler step
+    to sigma_{i+1}, a second evaluation there, and the step redone with the average slope:
+    x~_{i+1} = x~_i + (sigma_{i+1} - sigma_i) (d_i + d'_{i+1}) / 2. The last step, to sigma = 0, is plain
+    Euler (d' would divide by sigma = 0), so a chain of N steps costs 2N - 1 network evaluations."""
+
+    name, order, nfe_per_step, default_spacing = "heun", 2, 2, "karras"
+    summary = "Heun (2nd order, EDM Algorithm 1), Karras levels"
+
+    def nfe(self, steps):
+        return 2 * steps - 1
+
+    def steps_for_nfe(self, nfe):
+        return max(1, (nfe + 1) // 2)
+
+    coefficients = Euler.coefficients
+
+    def step(self, i, x, pred, ctx):
+        c_x, c_d = ctx.coefficients[i]
+        x_euler = c_x * x + c_d * pred.eps
+        if i == ctx.plan.steps - 1:
+            return x_euler
+        second = ctx.denoise(x_euler, i + 1)
+        return c_x * x + c_d * 0.5 * (pred.eps + second.eps)
+
+
+class DPMSolverPP2M(Sampler):
+    """DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2), in data prediction: with lam = log(a / s) and
+    h_i = lam_{i+1} - lam_i, x_{i+1} = (s_{i+1} / s_i) x_i - a_{i+1} (e^{-h_i} - 1) D_i (eq. 9's first-order
+    term), where D_i = x0_i on the first step and the last (to sigma = 0), and otherwise
+    D_i = (1 + 1/(2 r_i)) x0_i - 1/(2 r_i) x0_{i-1}, r_i = h_{i-1} / h_i: the previous prediction turns the
+    step into a second-order multistep method at one network call a step."""
+
+    name, order, default_spacing = "dpm++2m", 2, "karras"
+    summary = "DPM-Solver++ 2M (multistep, 2nd order)"
+
+    def coefficients(self, plan):
+        out = []
+        for i in range(plan.steps):
+            h = plan.lam[i + 1] - plan.lam[i]
+            r = (plan.lam[i] - plan.lam[i - 1]) / h if 0 < i < plan.steps - 1 else None
+            out.append((plan.s[i + 1] / plan.s[i], plan.a[i + 1] * -math.expm1(-h), r))
+        return out
+
+    def data_term(self, i, pred, ctx):
+        r = ctx.coefficients[i][2]
+        previous = ctx.state.get("x0")
+        ctx.state["x0"] = pred.x0
+        if r is None or previous is None:
+            return pred.x0
+        return (1 + 0.5 / r) * pred.x0 - (0.5 / r) * previous
+
+    def step(self, i, x, pred, ctx):
+        c_x, c_d, _ = ctx.coefficients[i]
+        return c_x * x + c_d * self.data_term(i, pred, ctx)
+
+
+class DPMSolverPP2MSDE(DPMSolverPP2M):
+    """SDE-DPM-Solver++(2M) (Lu et al. 2022b, Appendix; as diffusers' "sde-dpmsolver++", midpoint):
+    x_{i+1} = (s_{i+1}/s_i) e^{-h} x_i + a_{i+1} (1 - e^{-2h}) D_i + s_{i+1} sqrt(1 - e^{-2h}) z, with D_i as
+    in `DPMSolverPP2M`: the reverse SDE solved with fresh noise at every step, which forgets part of the
+    error made so far. No noise on the last step (to sigma = 0)."""
+
+    name, order, stochastic, default_spacing = "dpm++2m-sde", 2, True, "karras"
+    summary = "DPM-Solver++ 2M SDE (stochastic, multistep)"
+
+    def coefficients(self, plan):
+        out = []
+        for i in range(plan.steps):
+            h = plan.lam[i + 1] - plan.lam[i]
+            r = (plan.lam[i] - plan.lam[i - 1]) / h if 0 < i < plan.steps - 1 else None
+            e2 = -math.expm1(-2 * h)
+            out.append((plan.s[i + 1] / plan.s[i] * math.exp(-h), plan.a[i + 1] * e2, r,
+                        plan.s[i + 1] * math.sqrt(e2)))
+        return out
+
+    def step(self, i, x, pred, ctx):
+        c_x, c_d, _, c_z = ctx.coefficients[i]
+        x_next = c_x * x + c_d * self.data_term(i, pred, ctx)
+        return x_next + c_z * ctx.noise() if i < ctx.plan.steps - 1 else x_next
+
+
+SAMPLERS: dict[str, Sampler] = {s.name: s for s in (DDPM(), DDIM(), Euler(), Heun(), DPMSolverPP2M(),
+                                                     DPMSolverPP2MSDE())}
+DEFAULT_SAMPLER = "ddim"
+DEFAULT_STEPS = 50
+
+
+def get_sampler(name: str | Sampler) -> Sampler:
+    """The registered sampler of that name; a one-line ConfigError listing the registry otherwise."""
+    if isinstance(name, Sampler):
+        return name
+    if name not in SAMPLERS:
+        raise ConfigError(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)} "
+                          "(python -m ddpm_nb sample --list-samplers describes them)")
+    return SAMPLERS[name]
+
+
+def describe_samplers() -> str:
+    """A table of the registry: name, order, network evaluations per step, stochastic, default levels."""
+    rows = [f"{'name':<12} {'order':>5} {'NFE/step':>10}  {'noise':<6} {'levels':<8} what"]
+    for s in SAMPLERS.values():
+        per = "2 (last 1)" if s.name == "heun" else str(s.nfe_per_step)
+        rows.append(f"{s.name:<12} {s.order:>5} {per:>10}  {'fresh' if s.stochastic else 'none':<6} "
+                    f"{s.default_spacing:<8} {s.summary}")
+    return "\n".join(rows)
+
+
+class _Chain:
+    """What a sampler's step may use: the plan, its coefficients, fresh noise, one more evaluation, state."""
+
+    def __init__(self, plan, coefficients, noise, denoise):
+        self.plan, self.coefficients, self.noise, self.denoise = plan, coefficients, noise, denoise
+        self.state: dict = {}
+
+
+def _check_options(sampler: Sampler, options: dict) -> dict:
+    given = {k: v for k, v in options.items() if v is not None}
+    for key in given:
+        if key not in sampler.options:
+            takers = [s.name for s in SAMPLERS.values() if key in s.options]
+            if key == "eta" and given[key] == 0:
+                continue
+            kind = "deterministic" if not sampler.stochastic else "stochastic in its own way"
+            raise ConfigError(f"the {sampler.name} sampler does not take {key} (it is {kind}); "
+                              f"{key} applies to: {', '.join(takers)}")
+    return {k: v for k, v in given.items() if k in sampler.options}
+
+
+def run_sampler(model: nn.Module, diffusion: GaussianDiffusion, shape: tuple, sampler: str | Sampler = DEFAULT_SAMPLER,
+                *, steps: int | None = None, spacing: str | None = None, sigma_max: float | None = None,
+                timesteps=None, eta: float | None = None, variance: str | None = None, y: torch.Tensor | None = None,
                 guidance_scale: float = 1.0, clip_x0: bool = True, generator: torch.Generator | None = None,
                 x_T: torch.Tensor | None = None, return_trajectory: bool = False, trajectory_steps=None,
                 progress: bool = True, device=None, dtype: torch.dtype | None = None):
-    """DDIM sampling over `steps` timesteps chosen by `spacing`. shape = (B, C, H, W).
+    """Draw images of `shape` = (B, C, H, W) with a registered sampler (see `SAMPLERS`).
 
-    Noise order matches `ddpm_sample`: x_T first, then (when eta > 0) one draw per step that
-    lands on t_prev >= 0. Returns samples (B, C, H, W) in [-1, 1], or (samples, Trajectory);
-    `trajectory_steps` as in `ddpm_sample` (entries 0 .. len(ddim_timesteps(...))).
+    steps: default the sampler's own (all T for ddpm, else DEFAULT_STEPS); spacing: its default levels;
+    sigma_max: where the chain starts (default the last timestep); timesteps: explicit integer levels.
+    eta (ddim) and variance (ddpm) are options of those samplers only: passing one to another sampler is
+    an error, as is any combination a sampler cannot honour.
+    Noise is drawn from `generator` in a fixed order: x_T first, then one draw per step that needs it.
+    Returns the samples (B, C, H, W) in [-1, 1] (float32), or (samples, Trajectory): entry i is the state
+    before step i and the network's x0 estimate from it, the last entry the final sample;
+    `trajectory_steps` picks the entries 0 .. steps kept (default all). `dtype` (e.g. torch.bfloat16)
+    runs the network under autocast.
     """
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
+    s = get_sampler(sampler)
+    opts = _check_options(s, dict(eta=eta, variance=variance))
+    plan = make_plan(diffusion, steps if steps is not None else s.default_steps(diffusion),
+                     spacing or s.default_spacing, sigma_max=sigma_max, timesteps=timesteps)
+    coefficients = s.coefficients(plan, **opts)
     device, x = _prepare(model, shape, x_T, generator, device)
-    ts = ddim_timesteps(diffusion.timesteps, steps, spacing)
-    # every step's (c_x0, c_eps, sigma) once, as Python floats: no per-step scalar kernels, no float64 on the device
-    schedule = _schedule_floats(diffusion)
-    coefficients = {t: _ddim_coefficients(*schedule, t, t_prev, eta) for t, t_prev in zip(ts, ts[1:] + [-1])}
+    b = shape[0]
 
-    def step(x, t, t_prev):
-        tt = torch.full((x.shape[0],), t, device=device, dtype=torch.long)
+    def denoise(x, level: int) -> Prediction:
+        tt = torch.full((b,), plan.t[level], device=device,
+                        dtype=torch.long if isinstance(plan.t[level], int) else torch.float32)
         out = model_output(model, x, tt, y, guidance_scale)
-        eps, x0 = diffusion.split_output(out, x, tt, clip_x0=clip_x0)
-        noise = _randn(shape, generator, device) if eta > 0 and t_prev >= 0 else None
-        return ddim_step(diffusion, x.float(), t, t_prev, eps, x0, eta, noise, coefficients=coefficients[t]), x0
+        return predict(diffusion, out, x, plan.a[level], plan.s[level], clip_x0=clip_x0)
 
-    return _run(model, ts, x, return_trajectory, trajectory_steps, progress, f"DDIM-{len(ts)}", device, dtype,
-                step)
+    chain = _Chain(plan, coefficients, lambda: _randn(shape, generator, device), denoise)
+
+    def step(x, i):
+        pred = denoise(x, i)
+        return s.step(i, x.float(), pred, chain), pred.x0
+
+    desc = f"{s.name}-{plan.steps}" if s.name != "ddpm" else "DDPM"
+    return _run(model, plan, x, return_trajectory, trajectory_steps, progress, desc, device, dtype, step)
 
 
-def sample(model: nn.Module, diffusion: GaussianDiffusion, n: int, *, method: str = "ddim", steps: int = 50,
-           eta: float = 0.0, **kw):
-    """Draw `n` images with the model's own image size and channels: method "ddpm" or "ddim"."""
+def _run(model, plan, x, return_trajectory, trajectory_steps, progress, desc, device, dtype, step):
+    n = plan.steps
+    keep = set(range(n + 1)) if trajectory_steps is None else {int(i) for i in trajectory_steps}
+    if return_trajectory and not keep <= set(range(n + 1)):
+        raise ValueError(f"trajectory_steps must be chain entries 0..{n} (this chain has {n} steps), "
+                         f"got {sorted(keep - set(range(n + 1)))[:5]}")
+    xs, x0s = [], []  # kept entries, on the device: one copy to the CPU at the end, not one per step
+    with _eval_mode(model), _autocast(device, dtype):
+        for i in tqdm(range(n), desc=desc, disable=not progress, leave=False):
+            x_next, x0 = step(x, i)
+            if return_trajectory and i in keep:
+                xs.append(x.float())
+                x0s.append(x0.float())
+            x = x_next.float()
+    x = x.clamp(-1.0, 1.0)
+    if not return_trajectory:
+        return x
+    if n in keep:
+        xs.append(x)
+        x0s.append(x)
+    steps = sorted(keep)
+    timesteps = [(list(plan.t) + [-1])[i] for i in steps]
+    return x, Trajectory(timesteps=timesteps, x_t=torch.stack(xs).cpu(), x0_pred=torch.stack(x0s).cpu(),
+                         steps=steps)
+
+
+def ddpm_sample(model: nn.Module, diffusion: GaussianDiffusion, shape: tuple, *, variance: str = "fixed_small",
+                **kw):
+    """Ancestral sampling over all T steps (Algorithm 2): `run_sampler` with the ddpm sampler.
+    `trajectory_steps` e.g. `animate.frame_schedule(T + 1, 60)`. See `run_sampler` for the rest."""
+    return run_sampler(model, diffusion, shape, "ddpm", variance=variance, **kw)
+
+
+def ddim_sample(model: nn.Module, diffusion: GaussianDiffusion, shape: tuple, *, steps: int = DEFAULT_STEPS,
+                eta: float = 0.0, spacing: str = "uniform", **kw):
+    """DDIM sampling over `steps` timesteps chosen by `spacing`: `run_sampler` with the ddim sampler.
+    Noise order matches `ddpm_sample`: x_T first, then (when eta > 0) one draw per step but the last."""
+    if not (math.isfinite(eta) and eta >= 0):
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    return run_sampler(model, diffusion, shape, "ddim", steps=steps, eta=eta, spacing=spacing, **kw)
+
+
+def sample(model: nn.Module, diffusion: GaussianDiffusion, n: int, *, sampler: str | None = None,
+           method: str | None = None, **kw):
+    """Draw `n` images with the model's own image size and channels, with the named sampler (default
+    DEFAULT_SAMPLER; `method` is the older name of the same argument). Keywords as `run_sampler`."""
+    if sampler is not None and method is not None and sampler != method:
+        raise ConfigError(f"sampler={sampler!r} and method={method!r} disagree; give one (method is its old name)")
     cfg = model.cfg
     shape = (n, cfg.in_channels, cfg.image_size, cfg.image_size)
-    if method == "ddpm":
-        return ddpm_sample(model, diffusion, shape, **kw)
-    if method == "ddim":
-        return ddim_sample(model, diffusion, shape, steps=steps, eta=eta, **kw)
-    raise ValueError(f"method must be 'ddpm' or 'ddim', got {method!r}")
+    return run_sampler(model, diffusion, shape, sampler or method or DEFAULT_SAMPLER, **kw)

@@ -25,6 +25,7 @@ from .config import ConfigError, RunConfig
 from .data import TrainBatches, dataset_channels, default_num_workers, make_loader, materialize, train_val_datasets
 from .diffusion import GaussianDiffusion, drop_labels
 from .sample import device_generator
+from .sample import get_sampler
 from .sample import sample as draw_samples
 from .unet import UNet, count_parameters
 from .utils import TrainProgress, make_grid, pick_device, progress_mode, results_dir, save_image
@@ -182,6 +183,10 @@ class Trainer:
         if tc.channels_last:
             self.raw_model = self.raw_model.to(memory_format=torch.channels_last)
         self.ema = EMA(self.raw_model, tc.ema_decay, tc.ema_start, tc.ema_warmup)
+        try:
+            get_sampler(tc.sampler)
+        except ConfigError as exc:
+            raise ConfigError(f"TrainConfig.sampler: {exc}") from None
         self.diffusion = GaussianDiffusion(cfg.diffusion).to(self.device)
         self.amp_dtype, use_scaler = resolve_amp(tc.amp, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
@@ -323,20 +328,22 @@ class Trainer:
         return {"step": self.step, **validation_losses(self)} if self.val_ds is not None and len(self.val_ds) else {}
 
     @torch.no_grad()
-    def sample(self, n: int | None = None, *, ema: bool = True, method: str = "ddim", steps: int | None = None,
+    def sample(self, n: int | None = None, *, ema: bool = True, sampler: str | None = None, steps: int | None = None,
                seed: int = 0, **kw) -> torch.Tensor:
-        """Images (n, C, H, W) in [-1, 1] from the EMA (default) or online weights, with fixed noise."""
+        """Images (n, C, H, W) in [-1, 1] from the EMA (default) or online weights, with fixed noise, drawn by
+        `sampler` (default the config's `train.sampler`)."""
         net = self.ema.model if ema else self.raw_model
         n = n or self.cfg.train.num_samples
         if self.cfg.unet.num_classes and "y" not in kw:
             kw["y"] = torch.arange(n, device=self.device) % self.cfg.unet.num_classes
         g = device_generator(self.device, seed)  # noise drawn on the device: no copy per step
-        return draw_samples(net, self.diffusion, n, method=method, steps=steps or self.cfg.train.sample_steps,
+        return draw_samples(net, self.diffusion, n, sampler=sampler or kw.pop("method", None) or self.cfg.train.sampler,
+                            steps=steps or self.cfg.train.sample_steps,
                             generator=g, progress=False, device=self.device, **kw)
 
     def save_samples(self) -> list[Path]:
-        """The sample grids of this step: `sample_weights` (online and/or EMA), DDIM-`sample_steps` at the
-        end of training and DDIM-`preview_steps` before, in bf16 where it is native (`sample_amp`)."""
+        """The sample grids of this step: `sample_weights` (online and/or EMA), drawn by `train.sampler` with
+        `sample_steps` at the end of training and `preview_steps` before, in bf16 where it is native (`sample_amp`)."""
         tc, out = self.cfg.train, []
         steps = tc.sample_steps if self.step >= tc.steps else min(tc.preview_steps, tc.sample_steps)
         for ema in {"both": (False, True), "online": (False,), "ema": (True,)}[tc.sample_weights]:

@@ -185,7 +185,7 @@ def test_default_gif_of_16_images_is_under_2_mb(tmp_path):
 
     args = make_parser().parse_args(["animate", "fashion-quick-cond"])
     model, diffusion, _ = ddpm_nb.pretrained("fashion-quick-cond", device="cpu")
-    _, traj = sample(model, diffusion, args.num, method=args.method, steps=args.steps, y=torch.arange(16) % 10,
+    _, traj = sample(model, diffusion, args.num, sampler=args.sampler, steps=args.steps, y=torch.arange(16) % 10,
                      generator=torch.Generator().manual_seed(0), progress=False, return_trajectory=True)
     frames = chain_frames(traj.x_t, traj.x0_pred, num_frames=args.frames, scale=args.scale)
     size = write_gif(frames, tmp_path / "chain.gif", fps=args.fps).stat().st_size
