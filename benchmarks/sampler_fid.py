@@ -79,6 +79,61 @@ def sampler_fn(model, diffusion, run_cfg, cfg: dict, seed: int, dtype):
     return fn
 
 
+KEEP = ("what", "stage", "sampler", "spacing", "sigma_max", "sigma_start", "clip_x0", "eta", "steps", "nfe", "n", "fid",
+        "kid_mean", "kid_std", "kid_subset", "network_dtype", "date")
+
+
+def record(model: str, rows_file: Path) -> None:
+    """Merge this model's newest sampler rows (one per configuration and n) and their floor into the
+    'quality.rows' of its shipped JSON record; rows of other tables (benchmarks/fid_table.py) stay."""
+    from ddpm_nb.shipped import pretrained_info, pretrained_path, write_record
+
+    newest = {}
+    for line in rows_file.read_text().splitlines():
+        r = json.loads(line)
+        if r["model"] == model:
+            newest[(r["what"], r["n"], r["stage"])] = r
+    if not newest:
+        raise SystemExit(f"error: no rows for {model!r} in {rows_file}: run `python benchmarks/sampler_fid.py {model}` first")
+    quality = dict(pretrained_info(model).get("quality", {}))
+    ours = {(r["what"], r["n"], r["stage"]) for r in newest.values()}
+    kept = [r for r in quality.get("rows", []) if (r["what"], r["n"], r.get("stage")) not in ours]
+    quality["rows"] = kept + [{k: r[k] for k in KEEP if k in r} for r in newest.values()]
+    quality["samplers_measured_with"] = (f"python benchmarks/sampler_fid.py {model} --num N --part 1/2 (and 2/2): rows "
+                                         "with a 'sampler' field; the same x_T for every sampler")
+    path = write_record(pretrained_path(model), {"quality": quality}, keep=None)
+    print(f"wrote {len(newest)} sampler rows into {path}")
+
+
+def table(model: str, rows_file: Path) -> str:
+    """The Markdown tables (start stage, then FID against NFE) of a model's newest rows."""
+    newest = {}
+    for line in rows_file.read_text().splitlines():
+        r = json.loads(line)
+        if r["model"] == model:
+            newest[(r["what"], r["n"], r["stage"])] = r
+    rows = list(newest.values())
+    floor = next(r for r in rows if r["stage"] == "floor")
+    head = (f"{model}: Inception FID at n = {floor['n']} (KID x1e3 beside it), real-vs-real floor "
+            f"{floor['fid']:.1f}; network in {floor['network_dtype']}, guidance scale 1, classes cycled, the same x_T "
+            f"(seed {floor['x_T_seed']}) for every row; {floor['date']}.\n\n")
+
+    def levels(r):
+        s = r["spacing"] + (f" from σ_max {r['sigma_max']:.3g}" if r.get("sigma_max") else "")
+        return s + f" (first σ {r['sigma_start']:.3g})" + ("" if r["clip_x0"] else ", x̂₀ not clipped")
+
+    out = head + "| start stage: dpm++2m, 10 NFE | FID | KID x1e3 |\n| --- | --- | --- |\n"
+    out += "".join(f"| {levels(r)} | {r['fid']:.1f} | {1e3 * r['kid_mean']:.1f} ± {1e3 * r['kid_std']:.1f} |\n"
+                   for r in sorted((r for r in rows if r["stage"] == "start"), key=lambda r: r["fid"]))
+    nfe_rows = [r for r in rows if r["stage"] == "nfe"]
+    out += "\n| sampler | levels | NFE | FID | KID x1e3 |\n| --- | --- | --- | --- | --- |\n"
+    out += "".join(f"| {r['sampler']}{', η = ' + format(r['eta'], 'g') if r.get('eta') else ''} | {levels(r)} | "
+                   f"{r['nfe']} | {r['fid']:.1f} | {1e3 * r['kid_mean']:.1f} ± {1e3 * r['kid_std']:.1f} |\n"
+                   for r in sorted(nfe_rows, key=lambda r: (list(SAMPLERS).index(r["sampler"]), bool(r.get("eta")),
+                                                           r["nfe"])))
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model", help="a shipped model name (ddpm_nb.shipped.PRETRAINED)")
@@ -90,7 +145,14 @@ def main(argv=None) -> None:
     p.add_argument("--fp32", action="store_true", help="run the network in fp32 even where bf16 is native")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="results/bench/sampler_fid.jsonl")
+    p.add_argument("--record", action="store_true",
+                   help="measure nothing: merge this model's newest rows from --out into its JSON record in ddpm_nb/assets/")
+    p.add_argument("--table", action="store_true", help="measure nothing: print this model's newest rows as Markdown")
     args = p.parse_args(argv)
+    if args.table:
+        return print(table(args.model, Path(args.out)))
+    if args.record:
+        return record(args.model, Path(args.out))
     ddpm_nb.utils.set_threads(args.threads)
     model, diffusion, cfg = ddpm_nb.pretrained(args.model, device="cpu")
     dtype = None if args.fp32 or not cpu_native_bf16() else torch.bfloat16
