@@ -21,7 +21,7 @@ def pretrained(name: str, *, device=None, ema: bool = True):
     return _pretrained(name, device=device, ema=ema)
 
 
-_LAZY = ("schedule", "diffusion", "unet", "sample", "data", "metrics", "animate", "checkpoint", "train", "shipped",
+_LAZY = ("schedule", "diffusion", "unet", "sample", "edit", "data", "metrics", "animate", "checkpoint", "train", "shipped",
          "lesson")
 
 

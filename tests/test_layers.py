@@ -12,6 +12,7 @@ LAYERS = [
     {"schedule"},
     {"diffusion", "unet"},
     {"sample", "metrics", "animate"},
+    {"edit"},
     {"checkpoint"},
     {"train"},
     {"shipped"},
