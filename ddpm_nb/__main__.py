@@ -308,8 +308,7 @@ def _plan(diffusion, kw):
     sampler = get_sampler(kw["sampler"])
     sampler.coefficients(make_plan(diffusion, 1, "uniform"), **_check_options(sampler, dict(
         eta=kw["eta"], variance=kw["variance"])))
-    steps = kw["steps"] if kw["steps"] is not None else sampler.default_steps(diffusion)
-    return make_plan(diffusion, steps, kw["spacing"] or sampler.default_spacing, sigma_max=kw["sigma_max"])
+    return sampler.plan(diffusion, kw["steps"], kw["spacing"], sigma_max=kw["sigma_max"])
 
 
 def _tag(args) -> str:

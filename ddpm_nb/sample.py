@@ -380,11 +380,22 @@ class Sampler:
     nfe_per_step = 1
     stochastic = False
     default_spacing = "uniform"
+    default_sigma_max: float | None = None  # where Karras levels start unless asked (capped at sigma(T - 1))
     options: tuple = ()
     summary = ""
 
     def default_steps(self, diffusion: GaussianDiffusion) -> int:
         return DEFAULT_STEPS
+
+    def plan(self, diffusion: GaussianDiffusion, steps: int | None = None, spacing: str | None = None, *,
+             sigma_max: float | None = None, timesteps=None) -> Plan:
+        """The levels of this sampler's chain: `make_plan` with the sampler's defaults for what is not given
+        (its own steps and spacing; on Karras levels its default_sigma_max, capped at the schedule's top)."""
+        spacing = spacing or self.default_spacing
+        if sigma_max is None and spacing == "karras" and self.default_sigma_max is not None:
+            sigma_max = min(self.default_sigma_max, sigma_of(diffusion, diffusion.timesteps - 1))
+        return make_plan(diffusion, steps if steps is not None else self.default_steps(diffusion), spacing,
+                         sigma_max=sigma_max, timesteps=timesteps)
 
     def nfe(self, steps: int) -> int:
         """Network evaluations of a chain of `steps` steps (guidance doubles the batch, not the count)."""
@@ -503,8 +514,8 @@ class Heun(Sampler):
 
 class DPMSolverPP2M(Sampler):
     """DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2), in data prediction: with lam = log(a / s) and
-    h_i = lam_{i+1} - lam_i, x_{i+1} = (s_{i+1} / s_i) x_i - a_{i+1} (e^{-h_i} - 1) D_i (eq. 9's first-order
-    term), where D_i = x0_i on the first step and the last (to sigma = 0), and otherwise
+    h_i = lam_{i+1} - lam_i, x_{i+1} = (s_{i+1} / s_i) x_i - a_{i+1} (e^{-h_i} - 1) D_i (the exact solution of
+    the linear part, with the data prediction held at D_i over the step), where D_i = x0_i on the first step and the last (to sigma = 0), and otherwise
     D_i = (1 + 1/(2 r_i)) x0_i - 1/(2 r_i) x0_{i-1}, r_i = h_{i-1} / h_i: the previous prediction turns the
     step into a second-order multistep method at one network call a step."""
 
@@ -624,8 +635,7 @@ def run_sampler(model: nn.Module, diffusion: GaussianDiffusion, shape: tuple, sa
     """
     s = get_sampler(sampler)
     opts = _check_options(s, dict(eta=eta, variance=variance))
-    plan = make_plan(diffusion, steps if steps is not None else s.default_steps(diffusion),
-                     spacing or s.default_spacing, sigma_max=sigma_max, timesteps=timesteps)
+    plan = s.plan(diffusion, steps, spacing, sigma_max=sigma_max, timesteps=timesteps)
     coefficients = s.coefficients(plan, **opts)
     device, x = _prepare(model, shape, x_T, generator, device)
     b = shape[0]
