@@ -164,7 +164,7 @@ def load_weights(model: nn.Module, weights: dict, saved_unet: dict, path: str) -
 
 def load_model(path: str | os.PathLike, *, ema: bool = True, device=None):
     """(model, diffusion, RunConfig) from a checkpoint, in eval mode on `device` (EMA weights by default)."""
-    from .diffusion import GaussianDiffusion
+    from .diffusion import make_diffusion
     from .unet import UNet
 
     state = load_checkpoint(path)
@@ -173,7 +173,7 @@ def load_model(path: str | os.PathLike, *, ema: bool = True, device=None):
     model = UNet(cfg.unet)
     load_weights(model, state["ema"]["model"] if ema and state.get("ema") else state["model"],
                  state["config"]["unet"], str(path))
-    diffusion = GaussianDiffusion(cfg.diffusion)
+    diffusion = make_diffusion(cfg.diffusion)
     return model.to(device).eval(), diffusion.to(device), cfg
 
 

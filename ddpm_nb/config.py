@@ -33,6 +33,8 @@ __all__ = [
 
 SCHEDULES = ("linear", "cosine", "sigmoid", "quadratic")
 OBJECTIVES = ("eps", "x0", "v")
+FORMULATIONS = ("ddpm", "flow")
+FLOW_TIMES = ("uniform", "logit-normal")
 LOSS_TYPES = ("mse", "l1", "huber")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 
@@ -286,6 +288,11 @@ class DiffusionConfig(_Base):
                                      None)
     input_perturbation: float = _h("DDPM-IP gamma (Ning et al. 2023): x_t is formed from eps + gamma * xi while "
                                    "the target stays eps; 0 = off, the paper uses 0.1", 0.0)
+    formulation: str = _h("'ddpm' (the Gaussian diffusion of the course) or 'flow' (flow matching, rectified flow: "
+                          "x_t = (1 - t) x0 + t eps, the network predicts the velocity eps - x0; needs objective 'v'; "
+                          "the network sees t * timesteps)", "ddpm")
+    flow_time: str = _h(f"flow matching only: how t is drawn in training, one of {FLOW_TIMES} (logit-normal: "
+                        "sigmoid of N(0, 1), Esser et al. 2024)", "uniform")
 
     def __post_init__(self):
         _typed(self)
@@ -302,6 +309,16 @@ class DiffusionConfig(_Base):
               f"must be None or > 0, got {self.min_snr_gamma}")
         _need(0.0 <= self.input_perturbation <= 1.0, f"{w}.input_perturbation",
               f"must be in [0, 1] (0 = off; the paper uses 0.1), got {self.input_perturbation}")
+        _need(self.formulation in FORMULATIONS, f"{w}.formulation",
+              f"unknown formulation {self.formulation!r}; allowed: {', '.join(FORMULATIONS)}")
+        _need(self.flow_time in FLOW_TIMES, f"{w}.flow_time",
+              f"unknown flow time distribution {self.flow_time!r}; allowed: {', '.join(FLOW_TIMES)}")
+        if self.formulation == "flow":
+            _need(self.objective == "v", f"{w}.objective",
+                  f"flow matching predicts the velocity eps - x0: set objective 'v', got {self.objective!r}")
+            for name, off in (("min_snr_gamma", None), ("input_perturbation", 0.0), ("zero_terminal_snr", False)):
+                _need(getattr(self, name) == off, f"{w}.{name}",
+                      f"is a DDPM setting; flow matching does not use it: leave it at {off!r}")
         _need(not self.zero_terminal_snr or self.objective == "v", f"{w}.zero_terminal_snr",
               "needs objective='v': with alphas_cumprod[T-1] = 0, an eps- or x0-prediction cannot recover "
               "the image at the last step")
@@ -501,6 +518,13 @@ PRESETS: dict[str, dict] = {
                   train=TrainConfig(steps=1200, batch_size=64, lr=2e-3, warmup_steps=100, ema_decay=0.995,
                                     ema_start=200, log_every=50, sample_every=600, eval_every=300,
                                     ckpt_every=200, num_samples=64, sample_steps=50, eval_batches=4)),
+    # The quick preset trained by flow matching instead (notebooks/11): the same network, data and budget.
+    "flow-quick": dict(unet=UNetConfig.quick(),
+                       diffusion=DiffusionConfig(timesteps=1000, formulation="flow", objective="v"),
+                       data=DataConfig(dataset="fashion-mnist", hflip=True),
+                       train=TrainConfig(steps=1200, batch_size=64, lr=2e-3, warmup_steps=100, ema_decay=0.995,
+                                         ema_start=200, log_every=50, sample_every=600, eval_every=300,
+                                         ckpt_every=200, num_samples=64, sample_steps=50, eval_batches=4)),
     "fashion-mnist": dict(diffusion=DiffusionConfig(timesteps=1000, schedule="cosine"),
                           **_fashion(UNetConfig.fashion_mnist(), steps=30_000, batch_size=256, lr=4e-4,
                                      warmup_steps=500, ema_decay=0.9995, amp="auto")),

@@ -244,9 +244,10 @@ class Plan:
     computed once: a = sqrt(abar), s = sqrt(1 - abar), sigma = s / a, lam = log(a / s).
     """
 
-    def __init__(self, t, abar, one_minus):
+    def __init__(self, t, abar, one_minus, kind: str = "ddpm"):
         if len(abar) != len(t) + 1 or len(one_minus) != len(abar):
             raise ValueError("a Plan needs one alpha-bar per timestep plus the final 1.0")
+        self.kind = kind  # "ddpm", or "flow": then abar = a^2 = (1 - t)^2 and one_minus = s^2 = t^2
         self.t = tuple(t)
         self.abar = tuple(float(v) for v in abar)
         self.one_minus = tuple(float(v) for v in one_minus)  # 1 - abar, kept exact near abar = 1
@@ -314,6 +315,8 @@ def make_plan(diffusion: GaussianDiffusion, steps: int, spacing: str = "uniform"
     last timestep, T - 1, unless `sigma_max` is given. `timesteps`: an explicit descending list of
     integer timesteps instead (as diffusers' `set_timesteps(timesteps=...)`).
     """
+    if getattr(diffusion, "is_flow", False):
+        return _flow_plan(diffusion, steps, spacing, sigma_max, timesteps)
     ab, om = diffusion.alphas_cumprod_host, diffusion.one_minus_alphas_cumprod_host
     T = diffusion.timesteps
     if timesteps is not None:
@@ -331,6 +334,22 @@ def make_plan(diffusion: GaussianDiffusion, steps: int, spacing: str = "uniform"
     sigmas = karras_sigmas(sigma_of(diffusion, 0), sigma_max or sigma_of(diffusion, T - 1), steps, rho)
     ts = [_t_of_sigma(diffusion, s) for s in sigmas]
     return Plan(ts, [1 / (1 + s * s) for s in sigmas] + [1.0], [s * s / (1 + s * s) for s in sigmas] + [0.0])
+
+
+def _flow_plan(flow, steps: int, spacing: str, sigma_max, timesteps) -> Plan:
+    """Flow matching's levels: t_i = 1 - i / steps (from the noise at t = 1 to t = 0), the network's input
+    t * timesteps, a = 1 - t, s = t."""
+    if sigma_max is not None or timesteps is not None or spacing not in SPACINGS:
+        raise ConfigError("a flow-matching model takes evenly spaced times from t = 1 to 0: leave spacing, sigma_max "
+                          "and timesteps at their defaults")
+    if not (isinstance(steps, int) and steps >= 1):
+        raise ConfigError(f"steps must be an integer >= 1, got {steps!r}")
+    ts = [1 - i / steps for i in range(steps)]
+    return Plan([flow.timesteps * t for t in ts], [(1 - t) ** 2 for t in ts] + [1.0], [t * t for t in ts] + [0.0],
+                kind="flow")
+
+
+FLOW_SAMPLERS = ("ddim", "euler", "heun", "dpm++2m")  # deterministic, written for any x = a x0 + s eps
 
 
 @dataclass
@@ -352,7 +371,9 @@ def predict(diffusion: GaussianDiffusion, out: torch.Tensor, x: torch.Tensor, a:
     """
     out, x = out.float(), x.float()
     obj = diffusion.cfg.objective
-    if obj == "eps":
+    if getattr(diffusion, "is_flow", False):  # the velocity eps - x0 on x = a x0 + s eps with a + s = 1
+        x0, eps = x - s * out, x + a * out
+    elif obj == "eps":
         eps, x0 = out, (x - s * out) / a
     elif obj == "x0":
         x0, eps = out, (x - a * out) / s
@@ -391,6 +412,9 @@ class Sampler:
              sigma_max: float | None = None, timesteps=None) -> Plan:
         """The levels of this sampler's chain: `make_plan` with the sampler's defaults for what is not given
         (its own steps and spacing; on Karras levels its default_sigma_max, capped at the schedule's top)."""
+        if getattr(diffusion, "is_flow", False):  # evenly spaced t from 1 to 0; no other levels
+            return make_plan(diffusion, steps if steps is not None else self.default_steps(diffusion),
+                             spacing or "uniform", sigma_max=sigma_max, timesteps=timesteps)
         spacing = spacing or self.default_spacing
         if sigma_max is None and spacing == "karras" and self.default_sigma_max is not None:
             sigma_max = min(self.default_sigma_max, sigma_of(diffusion, diffusion.timesteps - 1))
@@ -478,10 +502,13 @@ class Euler(Sampler):
     summary = "Euler on the probability-flow ODE (EDM), Karras levels"
 
     def coefficients(self, plan):
-        return [(plan.a[i + 1] / plan.a[i], plan.a[i + 1] * (plan.sigma[i + 1] - plan.sigma[i]))
-                for i in range(plan.steps)]
+        # at a = 0 (flow matching's t = 1) x~ is undefined: the same step, written as a' x0 + s' eps
+        return [(plan.a[i + 1] / plan.a[i], plan.a[i + 1] * (plan.sigma[i + 1] - plan.sigma[i])) if plan.a[i] > 0
+                else None for i in range(plan.steps)]
 
     def step(self, i, x, pred, ctx):
+        if ctx.coefficients[i] is None:
+            return ctx.plan.a[i + 1] * pred.x0 + ctx.plan.s[i + 1] * pred.eps
         c_x, c_d = ctx.coefficients[i]
         return c_x * x + c_d * pred.eps
 
@@ -504,6 +531,13 @@ class Heun(Sampler):
     coefficients = Euler.coefficients
 
     def step(self, i, x, pred, ctx):
+        plan, last = ctx.plan, i == ctx.plan.steps - 1
+        if plan.kind == "flow":  # Heun in flow matching's own variables: dx/dt = v = eps - x0, dt = s' - s
+            dt, v = plan.s[i + 1] - plan.s[i], pred.eps - pred.x0
+            if last:
+                return x + dt * v
+            second = ctx.denoise(x + dt * v, i + 1)
+            return x + dt * 0.5 * (v + second.eps - second.x0)
         c_x, c_d = ctx.coefficients[i]
         x_euler = c_x * x + c_d * pred.eps
         if i == ctx.plan.steps - 1:
@@ -602,6 +636,14 @@ class _Chain:
         self.state: dict = {}
 
 
+def check_formulation(sampler: Sampler, diffusion, options: dict) -> None:
+    """A flow-matching model takes the deterministic samplers only (FLOW_SAMPLERS, DDIM with eta = 0)."""
+    if getattr(diffusion, "is_flow", False) and (sampler.name not in FLOW_SAMPLERS or options.get("eta")):
+        raise ConfigError(f"this is a flow-matching model: sample it with {', '.join(FLOW_SAMPLERS)} (ddim with eta = 0); "
+                          f"{sampler.name}{' with eta' if options.get('eta') else ''} is written for the DDPM's "
+                          "variance-preserving noise")
+
+
 def _check_options(sampler: Sampler, options: dict) -> dict:
     given = {k: v for k, v in options.items() if v is not None}
     for key in given:
@@ -635,6 +677,7 @@ def run_sampler(model: nn.Module, diffusion: GaussianDiffusion, shape: tuple, sa
     """
     s = get_sampler(sampler)
     opts = _check_options(s, dict(eta=eta, variance=variance))
+    check_formulation(s, diffusion, opts)
     plan = s.plan(diffusion, steps, spacing, sigma_max=sigma_max, timesteps=timesteps)
     coefficients = s.coefficients(plan, **opts)
     device, x = _prepare(model, shape, x_T, generator, device)

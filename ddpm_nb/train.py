@@ -23,7 +23,7 @@ from torch import nn
 from .checkpoint import RunFolder, restore_run_state, save_run_checkpoint
 from .config import ConfigError, RunConfig
 from .data import TrainBatches, dataset_channels, default_num_workers, make_loader, materialize, train_val_datasets
-from .diffusion import GaussianDiffusion, drop_labels
+from .diffusion import drop_labels, make_diffusion
 from .sample import device_generator
 from .sample import get_sampler
 from .sample import sample as draw_samples
@@ -187,7 +187,7 @@ class Trainer:
             get_sampler(tc.sampler)
         except ConfigError as exc:
             raise ConfigError(f"TrainConfig.sampler: {exc}") from None
-        self.diffusion = GaussianDiffusion(cfg.diffusion).to(self.device)
+        self.diffusion = make_diffusion(cfg.diffusion).to(self.device)
         self.amp_dtype, use_scaler = resolve_amp(tc.amp, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
         # one fused kernel for the whole update, on CPUs too (6.5 -> 1.7 ms per step on the tiny preset)
@@ -477,7 +477,7 @@ def validation_losses(trainer: Trainer) -> dict:
             net.train(was)
             sums[name] += per.sum().item()
             if name == "online":
-                q = (t.cpu() * 4 // T).clamp(max=3)
+                q = (t.cpu() * 4 // T).long().clamp(max=3)
                 buckets.index_add_(0, q, per)
                 counts.index_add_(0, q, torch.ones_like(per))
         n += x.shape[0]
