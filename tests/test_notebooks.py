@@ -9,7 +9,7 @@ from ddpm_nb.utils import repo_root
 
 NOTEBOOKS = sorted(p for p in (repo_root() / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 EXPECTED = ["01_forward_process", "02_unet", "03_training", "04_sampling", "05_animations", "06_guidance",
-            "07_evaluation", "08_diffusers", "09_fast_samplers"]
+            "07_evaluation", "08_diffusers", "09_fast_samplers", "10_editing"]
 
 
 def test_all_lessons_exist():
