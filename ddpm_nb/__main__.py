@@ -234,7 +234,9 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
     p.add_argument("--bf16", action="store_true", help="run the network under bf16 autocast (GPUs)")
     p.add_argument("--out", default=None, help="output folder (default: <run folder>/<command>)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress at all (by default: a bar in a terminal, a plain line every tenth of the work "
+                        "in a log file or pipe)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: $DDPM_NB_THREADS or torch's choice)")
 
@@ -294,7 +296,8 @@ def _load_for_sampling(args):
                           "unconditional (num_classes=None); leave it at 1")
     kw = dict(sampler=args.sampler, steps=args.steps, eta=args.eta, variance=args.variance, spacing=args.spacing,
               sigma_max=args.sigma_max, clip_x0=not args.no_clip, y=labels, guidance_scale=args.guidance_scale,
-              generator=device_generator(next(model.parameters()).device, args.seed), progress=not args.no_progress,
+              generator=device_generator(next(model.parameters()).device, args.seed),
+              progress="off" if args.no_progress else "auto",
               dtype=torch.bfloat16 if args.bf16 else None)
     args.plan = _plan(diffusion, kw)  # every option checked against the sampler before any work
     _warn_if_busy(next(model.parameters()).device)
@@ -392,7 +395,7 @@ def cmd_fid(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     result = metrics.evaluate(sample_fn, real, extractor, num_samples=args.num, batch_size=args.batch,
-                              device=device, progress=not args.no_progress)
+                              device=device, progress="off" if args.no_progress else "auto")
     from .sample import get_sampler
 
     result.update(checkpoint=str(args.checkpoint), sampler=args.sampler, steps=args.plan.steps,

@@ -564,13 +564,13 @@ def compute_features(extractor: nn.Module, images_or_iterable, batch_size: int =
     device = _extractor_device(extractor)
     was_training = extractor.training
     extractor.eval()
-    from tqdm.auto import tqdm
+    from .utils import Progress
 
     total = num_samples
     if total is None and isinstance(images_or_iterable, torch.Tensor):
         total = images_or_iterable.shape[0]
     feats = []
-    with tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False) as bar:
+    with Progress(total, desc, progress, unit="images") as bar:
         for batch in _batches(images_or_iterable, batch_size, num_samples):
             out = extractor(batch.to(device))
             if isinstance(out, (tuple, list)):

@@ -34,10 +34,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .diffusion import GaussianDiffusion
-from .utils import ConfigError, check_steps
+from .utils import ConfigError, Progress, check_steps
 
 __all__ = [
     "SAMPLERS",
@@ -706,9 +705,10 @@ def _run(model, plan, x, return_trajectory, trajectory_steps, progress, desc, de
         raise ValueError(f"trajectory_steps must be chain entries 0..{n} (this chain has {n} steps), "
                          f"got {sorted(keep - set(range(n + 1)))[:5]}")
     xs, x0s = [], []  # kept entries, on the device: one copy to the CPU at the end, not one per step
-    with _eval_mode(model), _autocast(device, dtype):
-        for i in tqdm(range(n), desc=desc, disable=not progress, leave=False):
+    with _eval_mode(model), _autocast(device, dtype), Progress(n, desc, progress, unit="steps") as bar:
+        for i in range(n):
             x_next, x0 = step(x, i)
+            bar.update(1)
             if return_trajectory and i in keep:
                 xs.append(x.float())
                 x0s.append(x0.float())

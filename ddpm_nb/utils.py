@@ -354,6 +354,46 @@ def progress_mode(progress: bool | str) -> str:
     raise ValueError(f"progress must be True, False, 'auto', 'bar', 'lines' or 'off', got {progress!r}")
 
 
+class Progress:
+    """Progress of a counted loop as `progress_mode` says: a tqdm bar ('bar'), a plain line on stderr at every
+    tenth of the total and at the end ('lines': what a log file or a pipe gets), or nothing ('off').
+
+        with Progress(total, "DDIM-50", progress) as bar:
+            for ...: bar.update(1)
+    """
+
+    def __init__(self, total: int | None, desc: str, progress: bool | str = True, unit: str = "it"):
+        self.mode, self.total, self.desc, self.unit, self.done = progress_mode(progress), total, desc, unit, 0
+        self._step = max(1, (total or 0) // 10)  # an unknown total: a line at every update
+        self._next = self._step
+        self._bar = None
+        if self.mode == "bar":
+            from tqdm.auto import tqdm
+            self._bar = tqdm(total=total, desc=desc, unit=unit, leave=False)
+        self._started = time.perf_counter()
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self._bar is not None:
+            self._bar.update(n)
+        elif self.mode == "lines" and self.done >= self._next:
+            while self._next <= self.done:
+                self._next += self._step
+            of = f"/{self.total}" if self.total else ""
+            print(f"{self.desc}: {self.done}{of} {self.unit} ({time.perf_counter() - self._started:.0f} s)",
+                  file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 def _hms(seconds: float) -> str:
     seconds = max(0, int(round(seconds)))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

@@ -390,3 +390,14 @@ def test_trainer_sample_grids_use_the_configured_sampler(tmp_path):
     assert (a - c).abs().max() > 1e-4
     with pytest.raises(ConfigError, match="TrainConfig.sampler: unknown sampler 'nope'"):
         Trainer(preset("tiny", **{"train.sampler": "nope"}), run_dir=tmp_path / "bad", device="cpu", progress=False)
+
+
+def test_cli_progress_in_a_log_is_plain_lines(tmp_path):
+    """Output to a file or pipe gets a plain line per tenth of the chain, not tqdm's carriage returns."""
+    proc = _cli(["sample", "fashion-quick-cond", "--steps", "20", "--num", "1", "--out", str(tmp_path / "o")], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("ddim-20:")]
+    assert "\r" not in proc.stderr and len(lines) == 10 and lines[-1].startswith("ddim-20: 20/20 steps")
+    quiet = _cli(["sample", "fashion-quick-cond", "--steps", "20", "--num", "1", "--out", str(tmp_path / "q"),
+                  "--no-progress"], tmp_path)
+    assert "ddim-20" not in quiet.stderr
