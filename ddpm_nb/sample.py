@@ -350,6 +350,14 @@ def _flow_plan(flow, steps: int, spacing: str, sigma_max, timesteps) -> Plan:
 
 FLOW_SAMPLERS = ("ddim", "euler", "heun", "dpm++2m")  # deterministic, written for any x = a x0 + s eps
 
+# Where the Karras levels of the ODE samplers start by default: EDM's sigma_max = 80, not sigma(T - 1). On the cosine
+# schedule sigma(T - 1) is about 2e4 (beta clipped at 0.999 makes sigma jump over the last steps), and a rho = 7 ramp
+# from there spends 4 of 10 levels between t = 998 and 999. Measured (results/BENCHMARKS.md, "Samplers"; Inception
+# FID at n = 1,000, fashion-quick-cond, DPM-Solver++ 2M, 10 NFE): from 80, 37.0; from sigma(T - 1), 68.5; the
+# integer spacings "trailing" (starts at T - 1) 40.3 and "uniform" (starts at t = 900) 84.1; x0 clipping on 37.0,
+# off 37.8 (within noise; clipping stays on).
+KARRAS_SIGMA_MAX = 80.0
+
 
 @dataclass
 class Prediction:
@@ -497,7 +505,7 @@ class Euler(Sampler):
     (eq. 3 and 7), so x~_{i+1} = x~_i + (sigma_{i+1} - sigma_i) eps_i. On the same levels this is
     exactly DDIM with eta = 0 (lesson 09 asserts it); its default levels are the Karras ramp (eq. 5)."""
 
-    name, order, default_spacing = "euler", 1, "karras"
+    name, order, default_spacing, default_sigma_max = "euler", 1, "karras", KARRAS_SIGMA_MAX
     summary = "Euler on the probability-flow ODE (EDM), Karras levels"
 
     def coefficients(self, plan):
@@ -518,7 +526,7 @@ class Heun(Sampler):
     x~_{i+1} = x~_i + (sigma_{i+1} - sigma_i) (d_i + d'_{i+1}) / 2. The last step, to sigma = 0, is plain
     Euler (d' would divide by sigma = 0), so a chain of N steps costs 2N - 1 network evaluations."""
 
-    name, order, nfe_per_step, default_spacing = "heun", 2, 2, "karras"
+    name, order, nfe_per_step, default_spacing, default_sigma_max = "heun", 2, 2, "karras", KARRAS_SIGMA_MAX
     summary = "Heun (2nd order, EDM Algorithm 1), Karras levels"
 
     def nfe(self, steps):
@@ -552,7 +560,7 @@ class DPMSolverPP2M(Sampler):
     D_i = (1 + 1/(2 r_i)) x0_i - 1/(2 r_i) x0_{i-1}, r_i = h_{i-1} / h_i: the previous prediction turns the
     step into a second-order multistep method at one network call a step."""
 
-    name, order, default_spacing = "dpm++2m", 2, "karras"
+    name, order, default_spacing, default_sigma_max = "dpm++2m", 2, "karras", KARRAS_SIGMA_MAX
     summary = "DPM-Solver++ 2M (multistep, 2nd order)"
 
     def coefficients(self, plan):
@@ -619,11 +627,12 @@ def get_sampler(name: str | Sampler) -> Sampler:
 
 def describe_samplers() -> str:
     """A table of the registry: name, order, network evaluations per step, stochastic, default levels."""
-    rows = [f"{'name':<12} {'order':>5} {'NFE/step':>10}  {'noise':<6} {'levels':<8} what"]
+    rows = [f"{'name':<12} {'order':>5} {'NFE/step':>10}  {'noise':<6} {'levels':<16} what"]
     for s in SAMPLERS.values():
         per = "2 (last 1)" if s.name == "heun" else str(s.nfe_per_step)
+        levels = s.default_spacing + (f" from {s.default_sigma_max:g}" if s.default_sigma_max else "")
         rows.append(f"{s.name:<12} {s.order:>5} {per:>10}  {'fresh' if s.stochastic else 'none':<6} "
-                    f"{s.default_spacing:<8} {s.summary}")
+                    f"{levels:<16} {s.summary}")
     return "\n".join(rows)
 
 

@@ -156,6 +156,7 @@ def test_euler_matches_diffusers(unet, cosine, spacing):
         np.testing.assert_allclose(plan.t, sched.timesteps.numpy(), rtol=1e-5, atol=0.05)
     ref = _diffusers_chain(sched, unet, x_T, plan.a[0])
     ours, traj = run_sampler(unet, cosine, x_T.shape, "euler", steps=8, spacing=spacing, timesteps=ts, x_T=x_T,
+                             sigma_max=sigma_of(cosine, T - 1) if spacing == "karras" else None,
                              clip_x0=False, progress=False, return_trajectory=True)
     torch.testing.assert_close(ours, ref.clamp(-1, 1), rtol=1e-4, atol=1e-4)
     assert (ref - x_T).abs().max() > 0.1  # the chain moved
@@ -170,7 +171,8 @@ def test_heun_matches_diffusers(unet, cosine):
     x_T = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(2))
     plan = make_plan(cosine, 6, "karras")
     ref = _diffusers_chain(sched, unet, x_T, plan.a[0])
-    ours = run_sampler(unet, cosine, x_T.shape, "heun", steps=6, x_T=x_T, clip_x0=False, progress=False)
+    ours = run_sampler(unet, cosine, x_T.shape, "heun", steps=6, x_T=x_T, clip_x0=False, progress=False,
+                       sigma_max=sigma_of(cosine, T - 1))  # diffusers' ramp starts at the last timestep
     torch.testing.assert_close(ours, ref.clamp(-1, 1), rtol=1e-4, atol=1e-4)
 
 
@@ -209,7 +211,7 @@ def test_dpmpp_2m_matches_diffusers(unet, linear, steps):
     model = RoundedT(unet)
     ref = _diffusers_chain(sched, model, x_T, 1.0)
     ours = run_sampler(model, linear, x_T.shape, "dpm++2m", steps=steps, spacing="karras", x_T=x_T, clip_x0=False,
-                       progress=False)
+                       sigma_max=sigma_of(linear, T - 1), progress=False)
     torch.testing.assert_close(ours, ref.clamp(-1, 1), rtol=1e-4, atol=1e-4)
 
 
@@ -235,12 +237,12 @@ def test_dpmpp_2m_sde_matches_diffusers_with_the_same_noise(unet, linear):
     model = RoundedT(unet)
     ref = _diffusers_chain(sched, model, x_T, 1.0, noises=noises)
     ours = run_sampler(model, linear, x_T.shape, "dpm++2m-sde", steps=8, spacing="karras", x_T=x_T, clip_x0=False,
-                       generator=torch.Generator().manual_seed(6), progress=False)
+                       sigma_max=sigma_of(linear, T - 1), generator=torch.Generator().manual_seed(6), progress=False)
     # diffusers forms exp(-h), sqrt(1 - exp(-2h)) in float32, we in float64: 1 pixel in 512 differs by 2e-4
     torch.testing.assert_close(ours, ref.clamp(-1, 1), rtol=1e-3, atol=5e-4)
     # the noise matters: another seed, other images
     other = run_sampler(model, linear, x_T.shape, "dpm++2m-sde", steps=8, spacing="karras", x_T=x_T, clip_x0=False,
-                        generator=torch.Generator().manual_seed(7), progress=False)
+                        sigma_max=sigma_of(linear, T - 1), generator=torch.Generator().manual_seed(7), progress=False)
     assert (other - ours).abs().max() > 1e-2
 
 
@@ -259,6 +261,17 @@ def test_where_diffusers_differs_by_design_integer_timesteps(linear):
     assert np.abs(theirs - np.array(plan.t)).max() > 0.1  # the rounding is real: up to half a step off
 
 
+def test_the_ode_samplers_start_karras_levels_at_80_by_default(cosine, unet):
+    from ddpm_nb.sample import KARRAS_SIGMA_MAX
+    for name in ("euler", "heun", "dpm++2m", "dpm++2m-sde"):
+        plan = SAMPLERS[name].plan(cosine, 10)
+        assert abs(plan.sigma[0] - KARRAS_SIGMA_MAX) < 1e-9 and plan.t[0] < T - 1
+    # a schedule whose top level is below 80 starts at its top instead of refusing
+    short = GaussianDiffusion(DiffusionConfig(timesteps=1000, schedule="quadratic"))  # sigma(T - 1) = 36.9
+    assert abs(SAMPLERS["dpm++2m"].plan(short, 5).sigma[0] - sigma_of(short, T - 1)) < 1e-9 < 80 - sigma_of(short, T - 1)
+    assert SAMPLERS["ddim"].plan(cosine, 10).t[0] == 900  # DDIM keeps its uniform spacing
+
+
 def test_karras_levels_from_the_last_cosine_step_crowd_into_two_timesteps(cosine):
     """Why the default start is not sigma(T - 1) on the cosine schedule: beta clipped at 0.999 makes sigma jump
     from 1.6e2 to 2.0e4 over the last few timesteps, and a rho = 7 ramp from there puts half of 8 levels
@@ -273,11 +286,11 @@ def test_karras_levels_from_the_last_cosine_step_crowd_into_two_timesteps(cosine
 
 def test_euler_on_the_same_levels_is_ddim_eta0(unet, cosine):
     x_T = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(8))
-    for spacing in ("uniform", "trailing", "karras"):
-        a = run_sampler(unet, cosine, x_T.shape, "euler", steps=7, spacing=spacing, x_T=x_T, clip_x0=False,
-                        progress=False)
-        b = run_sampler(unet, cosine, x_T.shape, "ddim", steps=7, spacing=spacing, x_T=x_T, clip_x0=False,
-                        progress=False)
+    for spacing, top in (("uniform", None), ("trailing", None), ("karras", 80.0), ("karras", sigma_of(cosine, T - 1))):
+        a = run_sampler(unet, cosine, x_T.shape, "euler", steps=7, spacing=spacing, sigma_max=top, x_T=x_T,
+                        clip_x0=False, progress=False)
+        b = run_sampler(unet, cosine, x_T.shape, "ddim", steps=7, spacing=spacing, sigma_max=top, x_T=x_T,
+                        clip_x0=False, progress=False)
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     # with x0 clipped too, where the chain does not start at sigma ~ 2e4 (there DDIM's x0 = (x - s eps) / a
     # multiplies float32 rounding by 1 / a = 2e4 before the clip; Euler never forms x0)
