@@ -145,6 +145,38 @@ def shrink_images(page: str) -> str:
     return _IMG.sub(webp, page)
 
 
+# What a page needs to be read offline: nbconvert's lab template loads require.js, MathJax 2, Mermaid and the
+# widget manager from CDNs. The pages have no diagrams and no live widgets (a progress bar's saved widget state
+# is noise on a static page), so those go, and MathJax 3 comes from site/mathjax/ (vendored, see its README).
+_OFFLINE_DROP = [
+    re.compile(r'<script src="https://[^"]*require[^"]*"></script>'),
+    re.compile(r"<script>\s*\(function\(\) \{\s*function addWidgetsRenderer\(\).*?</script>", re.S),
+    re.compile(r'<script type="module">[^<]*mermaid.*?</script>', re.S),
+    re.compile(r'<script type="application/vnd\.jupyter\.widget-(?:view|state)\+json">.*?</script>', re.S),
+]
+_MATHJAX2 = re.compile(r'<!-- Load mathjax -->\s*<script src="https://[^"]*mathjax[^"]*">\s*</script>\s*'
+                       r'<!-- MathJax configuration -->\s*<script type="text/x-mathjax-config">.*?</script>', re.S)
+MATHJAX3 = """<!-- MathJax 3, vendored in site/mathjax/: formulas typeset without a network -->
+<script>
+window.MathJax = {tex: {inlineMath: [["$", "$"], ["\\\\(", "\\\\)"]], displayMath: [["$$", "$$"], ["\\\\[", "\\\\]"]],
+                        processEscapes: true, processEnvironments: true, tags: "ams"},
+                  options: {ignoreHtmlClass: "tex2jax_ignore", processHtmlClass: "tex2jax_process"}};
+</script>
+<script src="mathjax/tex-chtml.js" id="MathJax-script" async></script>"""
+
+
+def offline(page: str) -> str:
+    """The page without anything fetched from a network: MathJax from site/mathjax/, no CDN scripts."""
+    if "mathjax/tex-chtml.js" not in page:
+        page, n = _MATHJAX2.subn(lambda m: MATHJAX3, page)
+        if n != 1:
+            raise SystemExit("error: the page's MathJax block was not where make_site.py expects it (nbconvert's lab "
+                             "template changed?): update _MATHJAX2")
+    for pattern in _OFFLINE_DROP:
+        page = pattern.sub("", page)
+    return page
+
+
 def to_html(nb, title: str, note: str) -> tuple[str, str]:
     """(page, stylesheet): the lab template's page with its <style> blocks moved into one shared file."""
     from nbconvert import HTMLExporter
@@ -156,7 +188,7 @@ def to_html(nb, title: str, note: str) -> tuple[str, str]:
               f'<a href="index.html">ddpm_nb course</a> · {html.escape(note)}</div>')
     body = body.replace("</head>", '<link rel="stylesheet" href="notebook.css">\n</head>', 1)
     body = re.sub(r"(<body[^>]*>)", lambda m: m.group(1) + banner, body, count=1)
-    return shrink_images(body), css
+    return offline(shrink_images(body)), css
 
 
 def write_index(manifest: dict) -> None:
@@ -190,7 +222,20 @@ def main(argv=None) -> int:
     p.add_argument("only", nargs="*", help="lesson names (e.g. 04_sampling); default: every stale page")
     p.add_argument("--all", action="store_true", help="render every page, stale or not")
     p.add_argument("--timeout", type=int, default=3600, help="seconds one cell may run")
+    p.add_argument("--offline-only", action="store_true",
+                   help="run nothing: rewrite the rendered pages so that they load nothing from a network")
     args = p.parse_args(argv)
+    if args.offline_only:
+        manifest = read_manifest()
+        for name in manifest.get("pages", {}):
+            path = SITE / f"{name}.html"
+            page = offline(path.read_text())
+            _atomic_write(path, page)
+            manifest["pages"][name]["bytes"] = len(page.encode())
+        _atomic_write(SITE / "manifest.json", json.dumps(manifest, indent=1) + "\n")
+        write_index(manifest)
+        print(f"rewrote {len(manifest.get('pages', {}))} pages for offline reading")
+        return 0
     import torch
 
     every = pages()
@@ -243,7 +288,7 @@ def main(argv=None) -> int:
         _atomic_write(SITE / "manifest.json", json.dumps(manifest, indent=1) + "\n")
         write_index(manifest)
         print(f"{name}: {seconds:.0f} s, {size / 1e6:.2f} MB -> site/{name}.html", flush=True)
-    total = sum(f.stat().st_size for f in SITE.iterdir() if f.is_file())
+    total = sum(f.stat().st_size for f in SITE.rglob("*") if f.is_file())
     print(f"site/: {total / 1e6:.2f} MB in all (budget {SITE_LIMIT / 1e6:.0f} MB)")
     if total > SITE_LIMIT:
         print(f"error: site/ is {total / 1e6:.2f} MB, over its {SITE_LIMIT / 1e6:.0f} MB budget: shrink the largest "

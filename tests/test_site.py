@@ -125,3 +125,40 @@ def test_shrink_images_turns_a_gif_into_the_same_animation(tmp_path):
     for (a, da), (b, db) in zip(got, want):
         np.testing.assert_array_equal(a, b)
         assert da == db
+
+
+def _pages():
+    return sorted(p for p in make_site.SITE.glob("*.html") if p.name != "index.html")
+
+
+def test_pages_load_nothing_from_a_network():
+    """Read offline, a page must still show its formulas: MathJax comes from site/mathjax/, nothing from a CDN."""
+    mathjax = make_site.SITE / "mathjax" / "tex-chtml.js"
+    fonts = list((make_site.SITE / "mathjax" / "output" / "chtml" / "fonts" / "woff-v2").glob("*.woff"))
+    assert mathjax.stat().st_size > 1e6 and len(fonts) > 20 and (make_site.SITE / "mathjax" / "LICENSE").is_file()
+    for path in _pages():
+        page = path.read_text()
+        assert not re.search(r'<(?:script|link)[^>]+(?:src|href)="(?:https?:)?//', page), path.name
+        assert not re.search(r"cdnjs|unpkg|jsdelivr", page), path.name
+        assert page.count('src="mathjax/tex-chtml.js"') == 1 and "window.MathJax" in page, path.name
+    # and the rewrite is what make_site applies to every new page
+    sample = ('<!-- Load mathjax -->\n<script src="https://cdnjs.cloudflare.com/ajax/libs/mathjax/2.7.7/latest.js">'
+              ' </script>\n<!-- MathJax configuration -->\n<script type="text/x-mathjax-config">x</script>'
+              '<script src="https://cdnjs.cloudflare.com/ajax/libs/require.js/2.1.10/require.min.js"></script>')
+    assert make_site.offline(sample).count("<script") == 2 and "https" not in make_site.offline(sample)
+
+
+@pytest.mark.skipif(not any(Path(p).exists() for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser")),
+                    reason="no Chromium on this machine (apt-get install chromium)")
+def test_formulas_typeset_offline_in_a_browser(tmp_path):
+    """Headless Chromium with every network request sent nowhere: the formulas of a lesson still typeset."""
+    import subprocess
+    chromium = next(p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser") if Path(p).exists())
+    page = make_site.SITE / "09_fast_samplers.html"
+    proc = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                           "--proxy-server=127.0.0.1:9", f"--user-data-dir={tmp_path}", "--virtual-time-budget=20000",
+                           "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=180)
+    dom = proc.stdout
+    assert dom.count("<mjx-container") > 20, proc.stderr[-2000:]
+    assert "$\\sigma" not in dom            # no formula left as raw TeX
