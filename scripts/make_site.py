@@ -177,6 +177,90 @@ def offline(page: str) -> str:
     return page
 
 
+_BANNER = re.compile(r'<div style="font:14px sans-serif;padding:8px 16px;background:#f3f6fa;border-bottom:1px solid '
+                     r'#d0d7de">(?:<nav>.*?</nav>)?<a href="index.html">ddpm_nb course</a> · (.*?)</div>', re.S)
+BANNER_STYLE = "font:14px sans-serif;padding:8px 16px;background:#f3f6fa;border-bottom:1px solid #d0d7de"
+COLAB_BADGE = """<svg xmlns="http://www.w3.org/2000/svg" width="117" height="20" role="img" aria-label="Open in Colab">
+<rect width="117" height="20" rx="3" fill="#555"/><rect x="40" width="77" height="20" rx="3" fill="#f9ab00"/>
+<rect x="40" width="4" height="20" fill="#f9ab00"/><g fill="#fff" font-family="Verdana,sans-serif" font-size="11">
+<text x="6" y="14">Open</text><text x="47" y="14" fill="#333">in Colab</text></g></svg>
+"""
+
+
+def banner(name: str, note: str) -> str:
+    """The strip at the top of a page: the index, the previous and next pages, and how the page was made."""
+    order = list(pages())
+    i = order.index(name) if name in order else -1
+    links = ['<a href="index.html">ddpm_nb course</a>']
+    if i > 0:
+        links.insert(0, f'<a href="{order[i - 1]}.html">&larr; {html.escape(order[i - 1])}</a>')
+    if 0 <= i < len(order) - 1:
+        links.append(f'<a href="{order[i + 1]}.html">{html.escape(order[i + 1])} &rarr;</a>')
+    return (f'<div style="{BANNER_STYLE}"><nav>{" · ".join(links)}</nav>'
+            f'<a href="index.html">ddpm_nb course</a> · {note}</div>')
+
+
+def _div_end(page: str, start: int) -> int:
+    """The index just after the </div> that closes the <div> opening at `start`."""
+    depth, i = 0, start
+    tags = re.compile(r"<div\b|</div>")
+    for m in tags.finditer(page, start):
+        depth += 1 if m.group(0) == "<div" else -1
+        if depth == 0:
+            return m.end()
+    raise ValueError("unbalanced <div> in the page")
+
+
+def collapse_solutions(page: str) -> str:
+    """Each cell tagged `solution` inside <details>, closed, as it is collapsed in JupyterLab and Colab."""
+    out, pos = [], 0
+    for m in re.finditer(r'<div class="jp-Cell[^"]*celltag_solution[^"]*"[^>]*>', page):
+        if m.start() < pos:
+            continue
+        end = _div_end(page, m.start())
+        cell = page[m.start():end]
+        title = re.search(r"# @title (Solution \d+[^<]*)", cell)
+        label = html.unescape(title.group(1)).strip() if title else "Solution"
+        out += [page[pos:m.start()], f'<details class="solution"><summary style="cursor:pointer;font:600 15px '
+                f'sans-serif;margin:8px 0">{html.escape(label)} (click to open)</summary>', cell, "</details>"]
+        pos = end
+    return "".join(out) + page[pos:]
+
+
+def enlarge_small_images(page: str) -> str:
+    """Images of at most 128 px shown at 3x (or more, up to 384 px), with nearest-neighbour scaling."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    def bigger(m):
+        tag = m.group(0)
+        if "style=" in tag:
+            return tag
+        try:
+            w, h = Image.open(io.BytesIO(base64.b64decode(m.group(2)))).size
+        except Exception:
+            return tag
+        if max(w, h) > 128:
+            return tag
+        k = max(3, 384 // max(w, h))
+        return tag.replace("<img ", f'<img style="width:{k * w}px;image-rendering:pixelated" ', 1)
+
+    return re.sub(r'<img [^>]*src="data:image/(png|gif|webp);base64,([A-Za-z0-9+/=\s]+)"[^>]*>', bigger, page)
+
+
+def finish(page: str, name: str) -> str:
+    """Everything a rendered page gets after nbconvert: offline, navigation, a local Colab badge, solutions
+    collapsed, small images enlarged. Idempotent, so `--rewrite` can apply it to pages already rendered."""
+    page = offline(page)
+    page = _BANNER.sub(lambda m: banner(name, m.group(1)), page, count=1)
+    page = page.replace('src="https://colab.research.google.com/assets/colab-badge.svg"', 'src="colab-badge.svg"')
+    if '<details class="solution">' not in page:
+        page = collapse_solutions(page)
+    return enlarge_small_images(page)
+
+
 def to_html(nb, title: str, note: str) -> tuple[str, str]:
     """(page, stylesheet): the lab template's page with its <style> blocks moved into one shared file."""
     from nbconvert import HTMLExporter
@@ -184,22 +268,32 @@ def to_html(nb, title: str, note: str) -> tuple[str, str]:
     body, _ = HTMLExporter(template_name="lab").from_notebook_node(nb, resources={"metadata": {"name": title}})
     css = "\n".join(m.group(0).split(">", 1)[1].rsplit("</style>", 1)[0] for m in _STYLE.finditer(body))
     body = _STYLE.sub("", body, count=0)
-    banner = (f'<div style="font:14px sans-serif;padding:8px 16px;background:#f3f6fa;border-bottom:1px solid #d0d7de">'
-              f'<a href="index.html">ddpm_nb course</a> · {html.escape(note)}</div>')
     body = body.replace("</head>", '<link rel="stylesheet" href="notebook.css">\n</head>', 1)
-    body = re.sub(r"(<body[^>]*>)", lambda m: m.group(1) + banner, body, count=1)
-    return offline(shrink_images(body)), css
+    body = re.sub(r"(<body[^>]*>)", lambda m: m.group(1) + banner(title, html.escape(note)), body, count=1)
+    return finish(shrink_images(body), title), css
+
+
+def learn_lines() -> dict[str, str]:
+    """Lesson stem -> its "What you learn" line, from the README's table of lessons (one source for both)."""
+    out = {}
+    for line in (ROOT / "README.md").read_text().splitlines():
+        m = re.match(r"\| \d+ \| \[([\w-]+)\]\(notebooks/[\w-]+\.ipynb\) \| (.*) \|$", line)
+        if m:
+            out[m.group(1)] = m.group(2).replace("\\|", "|")
+    return out
 
 
 def write_index(manifest: dict) -> None:
     rows = []
+    learn = learn_lines()
     for name, (nb, params) in pages().items():
         info = manifest["pages"].get(name)
         if info is None:
             continue
         what = f" ({params_text(params)})" if params else ""
-        rows.append(f'<li><a href="{name}.html">{html.escape(nb.stem)}</a>{html.escape(what)}: ran in '
-                    f'{info["seconds"]:.0f} s, {info["bytes"] / 1e6:.2f} MB</li>')
+        rows.append(f'<li><a href="{name}.html">{html.escape(nb.stem)}</a>{html.escape(what)}: '
+                    f'{html.escape(learn.get(nb.stem, ""))} <small>(ran in {info["seconds"]:.0f} s, '
+                    f'{info["bytes"] / 1e6:.2f} MB)</small></li>')
     m = manifest.get("machine", {})
     page = f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>ddpm_nb: the course, rendered</title></head>
@@ -222,19 +316,21 @@ def main(argv=None) -> int:
     p.add_argument("only", nargs="*", help="lesson names (e.g. 04_sampling); default: every stale page")
     p.add_argument("--all", action="store_true", help="render every page, stale or not")
     p.add_argument("--timeout", type=int, default=3600, help="seconds one cell may run")
-    p.add_argument("--offline-only", action="store_true",
-                   help="run nothing: rewrite the rendered pages so that they load nothing from a network")
+    p.add_argument("--rewrite", action="store_true",
+                   help="run nothing: apply the current page finishing (offline, navigation, collapsed solutions, "
+                        "enlarged small images) to the pages already rendered")
     args = p.parse_args(argv)
-    if args.offline_only:
+    if args.rewrite:
         manifest = read_manifest()
+        _atomic_write(SITE / "colab-badge.svg", COLAB_BADGE)
         for name in manifest.get("pages", {}):
             path = SITE / f"{name}.html"
-            page = offline(path.read_text())
+            page = finish(path.read_text(), name)
             _atomic_write(path, page)
             manifest["pages"][name]["bytes"] = len(page.encode())
         _atomic_write(SITE / "manifest.json", json.dumps(manifest, indent=1) + "\n")
         write_index(manifest)
-        print(f"rewrote {len(manifest.get('pages', {}))} pages for offline reading")
+        print(f"rewrote {len(manifest.get('pages', {}))} pages (offline, navigation, solutions, small images)")
         return 0
     import torch
 
@@ -279,6 +375,7 @@ def main(argv=None) -> int:
             status = 2
             continue
         _atomic_write(SITE / "notebook.css", css)
+        _atomic_write(SITE / "colab-badge.svg", COLAB_BADGE)
         _atomic_write(SITE / f"{name}.html", page)
         manifest = dict(read_manifest(), machine=manifest["machine"])   # another `make site` may have added pages
         manifest["pages"][name] = {"notebook": f"notebooks/{nb_path.name}", "params": params,
