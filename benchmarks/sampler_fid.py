@@ -134,6 +134,45 @@ def table(model: str, rows_file: Path) -> str:
     return out
 
 
+def plot(model: str, rows_file: Path, out: Path) -> Path:
+    """FID against NFE, one line per sampler, the floor dashed; written to `out` (PNG)."""
+    import matplotlib
+    import matplotlib.ticker
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    newest = {}
+    for line in rows_file.read_text().splitlines():
+        r = json.loads(line)
+        if r["model"] == model:
+            newest[(r["what"], r["n"], r["stage"])] = r
+    rows = list(newest.values())
+    floor = next(r for r in rows if r["stage"] == "floor")
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for name in SAMPLERS:
+        pts = sorted((r["nfe"], r["fid"]) for r in rows if r["stage"] == "nfe" and r["sampler"] == name
+                     and not r.get("eta"))
+        if pts:
+            ax.plot(*zip(*pts), "o-" if len(pts) > 1 else "s", label=name)
+    for r in rows:
+        if r["stage"] == "nfe" and r.get("eta"):
+            ax.plot([r["nfe"]], [r["fid"]], "k^", label=f"{r['sampler']}, eta = {r['eta']:g}")
+    ax.axhline(floor["fid"], color="grey", ls="--", label="real vs real")
+    ax.set_xscale("log")
+    ax.set_xticks([5, 10, 20, 50] + ([1000] if any(r.get("nfe") == 1000 for r in rows) else []))
+    ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.minorticks_off()
+    ax.set_xlabel("network evaluations (NFE)")
+    ax.set_ylabel(f"Inception FID, n = {floor['n']}")
+    ax.set_title(f"{model}: FID against NFE, the same x_T for every sampler", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model", help="a shipped model name (ddpm_nb.shipped.PRETRAINED)")
@@ -148,9 +187,12 @@ def main(argv=None) -> None:
     p.add_argument("--record", action="store_true",
                    help="measure nothing: merge this model's newest rows from --out into its JSON record in ddpm_nb/assets/")
     p.add_argument("--table", action="store_true", help="measure nothing: print this model's newest rows as Markdown")
+    p.add_argument("--plot", metavar="PNG", default=None, help="measure nothing: plot FID against NFE into PNG")
     args = p.parse_args(argv)
     if args.table:
         return print(table(args.model, Path(args.out)))
+    if args.plot:
+        return print(f"wrote {plot(args.model, Path(args.out), Path(args.plot))}")
     if args.record:
         return record(args.model, Path(args.out))
     ddpm_nb.utils.set_threads(args.threads)
