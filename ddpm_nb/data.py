@@ -41,7 +41,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from typing import TYPE_CHECKING
 
-from .utils import ConfigError, cache_dir, data_root, repo_root
+from .utils import ConfigError, cache_dir, data_root, display_path, repo_root
 
 if TYPE_CHECKING:  # data sits below config (config's validation reads DATASETS), so only for annotations
     from .config import DataConfig
@@ -524,12 +524,13 @@ def _fashion_mnist(root: Path, split: str, transform: ImageTransform, *, explici
             if (str(root), split) not in _NOTIFIED:  # one notice per root and split, not one per call
                 _NOTIFIED.add((str(root), split))
                 warnings.warn(
-                    f"FashionMNIST {split!r} split not found under {root} and not downloadable ({reason}); using "
-                    f"the 10,000-image test split bundled in {bundled[0].parent} instead. For the full 70,000 "
+                    f"FashionMNIST {split!r} split not found under {display_path(root)} and not downloadable "
+                    f"({reason}); using the 10,000-image test split bundled in {display_path(bundled[0].parent)} "
+                    f"instead. For the full 70,000 "
                     f"images connect to the internet once (it downloads by itself), or set DDPM_NB_DATA to a "
                     f"folder with FashionMNIST/raw/*.gz.", BundledDataWarning, stacklevel=3)
             pairs = {"test": bundled}
-    where = ", ".join(dict.fromkeys(str(p[0].parent) for p in pairs.values()))
+    where = ", ".join(dict.fromkeys(display_path(p[0].parent) for p in pairs.values()))
     source = f"FashionMNIST {'/'.join(pairs)} split in {where}"
     images = np.concatenate([read_idx(p[0]) for p in pairs.values()])
     labels = np.concatenate([read_idx(p[1]) for p in pairs.values()])
@@ -587,7 +588,7 @@ def _flowers102(root: Path, split: str, transform: ImageTransform) -> ImageFiles
     ids = [int(i) for part in parts for i in np.atleast_1d(set_ids[FLOWERS_SPLIT_KEYS[part]])]
     files = [str(folder / "jpg" / f"image_{i:05d}.jpg") for i in ids]
     return ImageFiles(files, [int(labels[i - 1]) for i in ids], transform,
-                      f"Flowers102 '{split}' split in {folder}")
+                      f"Flowers102 '{split}' split in {display_path(folder)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -834,7 +835,7 @@ def _cifar10(cfg: DataConfig, split: str, transform: ImageTransform) -> TensorIm
         images.append(np.asarray(batch[b"data"], np.uint8).reshape(-1, 3, 32, 32))
         labels.append(np.asarray(batch[b"labels"], np.int64))
     return TensorImages(torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)),
-                        transform, f"CIFAR-10 {split!r} split in {folder}")
+                        transform, f"CIFAR-10 {split!r} split in {display_path(folder)}")
 
 
 # ---------------------------------------------------------------------------------------------

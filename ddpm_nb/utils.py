@@ -174,6 +174,31 @@ def data_root() -> Path:
     return root / "data" if root is not None else cache_dir()
 
 
+def display_path(path: str | os.PathLike) -> str:
+    """A path as messages and lessons print it, never this machine's layout: relative to the checkout
+    (`ddpm_nb/assets/...`), `<ddpm_nb>/...` inside an installed package, `<data>/...` under $DDPM_NB_DATA,
+    `~/...` under the home folder; anything else as given."""
+    path = Path(path).expanduser()
+    try:
+        path = path.resolve()
+    except OSError:
+        return str(path)
+    bases = []
+    if os.environ.get("DDPM_NB_DATA"):
+        bases.append((Path(os.environ["DDPM_NB_DATA"]).expanduser().resolve(), "<data>"))
+    root = repo_root()
+    if root is not None:
+        bases.append((root.resolve(), None))
+    bases += [(Path(__file__).resolve().parent, "<ddpm_nb>"), (Path.home().resolve(), "~")]
+    for base, name in bases:
+        try:
+            rel = path.relative_to(base)
+        except ValueError:
+            continue
+        return str(rel) if name is None else f"{name}/{rel}" if str(rel) != "." else name
+    return str(path)
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """(B, C, H, W) in [-1, 1] -> (B, H, W, 3) uint8 RGB (grayscale is repeated to 3 channels)."""
     if images.dim() == 3:

@@ -653,3 +653,15 @@ def test_the_registry_is_what_config_presets_and_lessons_read():
     with pytest.raises(ConfigError, match="UNetConfig.num_classes: cifar10 has 10 classes, got num_classes=102"):
         RunConfig.from_dict({**preset("ddpm-cifar10").to_dict(), "data": {"dataset": "cifar10", "class_cond": True},
                              "unet": {**preset("ddpm-cifar10").to_dict()["unet"], "num_classes": 102}})
+
+
+def test_messages_show_no_path_of_this_machine(monkeypatch, tmp_path):
+    """Dataset descriptions (printed by lessons and the CLI) name the checkout, the package or <data>, never an
+    absolute path of the machine."""
+    from ddpm_nb.utils import display_path, repo_root
+    ds = data.load_dataset(DataConfig(dataset="fashion-mnist"), 28, split="test", train=False)
+    assert not any(s in ds.source for s in ("/work/", "/home/", "/root/", "/tmp/")), ds.source
+    monkeypatch.setenv("DDPM_NB_DATA", str(tmp_path))
+    assert display_path(tmp_path / "flowers" / "x") == "<data>/flowers/x"
+    assert display_path(repo_root() / "ddpm_nb" / "assets") == "ddpm_nb/assets"
+    assert display_path("/opt/elsewhere/file") == "/opt/elsewhere/file"
