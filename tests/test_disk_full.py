@@ -109,7 +109,7 @@ def test_sample_animate_and_fid_on_a_full_disk_are_one_line(small_disk):
     full = small_disk("64k")
     (full / "f").mkdir()
     _fill(full)                # nothing fits
-    _one_error_line(_cli("animate", *common, "--frames", "4", "--out", str(full / "a")), names="chain_ddim2_seed0.gif")
+    _one_error_line(_cli("animate", *common, "--frames", "4", "--out", str(full / "a")), names="chain_dpm++2m-sde2_seed0.gif")
     _one_error_line(_cli("fid", "fashion-quick-cond", "--num", "10", "--steps", "2", "--batch", "10",
                          "--no-progress", "--out", str(full / "f")), names="fid.jsonl")
     assert (full / "f" / "fid.jsonl").read_text() == ""  # no half-written row

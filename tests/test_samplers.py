@@ -407,10 +407,20 @@ def test_trainer_sample_grids_use_the_configured_sampler(tmp_path):
 
 def test_cli_progress_in_a_log_is_plain_lines(tmp_path):
     """Output to a file or pipe gets a plain line per tenth of the chain, not tqdm's carriage returns."""
-    proc = _cli(["sample", "fashion-quick-cond", "--steps", "20", "--num", "1", "--out", str(tmp_path / "o")], tmp_path)
+    proc = _cli(["sample", "fashion-quick-cond", "--sampler", "ddim", "--steps", "20", "--num", "1", "--out",
+                 str(tmp_path / "o")], tmp_path)
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.startswith("ddim-20:")]
     assert "\r" not in proc.stderr and len(lines) == 10 and lines[-1].startswith("ddim-20: 20/20 steps")
     quiet = _cli(["sample", "fashion-quick-cond", "--steps", "20", "--num", "1", "--out", str(tmp_path / "q"),
                   "--no-progress"], tmp_path)
     assert "ddim-20" not in quiet.stderr
+
+
+def test_the_default_sampler_is_the_measured_one_and_flow_models_get_theirs(unet, cosine):
+    from ddpm_nb.diffusion import FlowMatching
+    from ddpm_nb.sample import DEFAULT_SAMPLER, default_sampler
+    assert DEFAULT_SAMPLER == "dpm++2m-sde" and default_sampler(cosine) == DEFAULT_SAMPLER
+    flow = FlowMatching(DiffusionConfig(formulation="flow", objective="v"))
+    assert default_sampler(flow) in ("ddim", "euler", "heun", "dpm++2m")
+    assert SAMPLERS[DEFAULT_SAMPLER].default_steps(cosine) == 20 and SAMPLERS["ddim"].default_steps(cosine) == 50
