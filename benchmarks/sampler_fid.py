@@ -88,31 +88,32 @@ def record(model: str, rows_file: Path) -> None:
     'quality.rows' of its shipped JSON record; rows of other tables (benchmarks/fid_table.py) stay."""
     from ddpm_nb.shipped import pretrained_info, pretrained_path, write_record
 
-    newest = {}
-    for line in rows_file.read_text().splitlines():
-        r = json.loads(line)
-        if r["model"] == model:
-            newest[(r["what"], r["n"], r["stage"])] = r
+    newest = newest_rows(model, rows_file)
     if not newest:
         raise SystemExit(f"error: no rows for {model!r} in {rows_file}: run `python benchmarks/sampler_fid.py {model}` first")
     quality = dict(pretrained_info(model).get("quality", {}))
-    ours = {(r["what"], r["n"], r["stage"]) for r in newest.values()}
+    ours = {(r["what"], r["n"], r["stage"]) for r in newest}
     kept = [r for r in quality.get("rows", []) if (r["what"], r["n"], r.get("stage")) not in ours]
-    quality["rows"] = kept + [{k: r[k] for k in KEEP if k in r} for r in newest.values()]
+    quality["rows"] = kept + [{k: r[k] for k in KEEP if k in r} for r in newest]
     quality["samplers_measured_with"] = (f"python benchmarks/sampler_fid.py {model} --num N --part 1/2 (and 2/2): rows "
                                          "with a 'sampler' field; the same x_T for every sampler")
     path = write_record(pretrained_path(model), {"quality": quality}, keep=None)
     print(f"wrote {len(newest)} sampler rows into {path}")
 
 
-def table(model: str, rows_file: Path) -> str:
-    """The Markdown tables (start stage, then FID against NFE) of a model's newest rows."""
+def newest_rows(model: str, rows_file: Path) -> list[dict]:
+    """The model's newest row of each configuration, n and stage (a re-run appends; the last line wins)."""
     newest = {}
     for line in rows_file.read_text().splitlines():
         r = json.loads(line)
         if r["model"] == model:
             newest[(r["what"], r["n"], r["stage"])] = r
-    rows = list(newest.values())
+    return list(newest.values())
+
+
+def table(model: str, rows_file: Path) -> str:
+    """The Markdown tables (start stage, then FID against NFE) of a model's newest rows."""
+    rows = newest_rows(model, rows_file)
     floor = next(r for r in rows if r["stage"] == "floor")
     head = (f"{model}: Inception FID at n = {floor['n']} (KID x1e3 beside it), real-vs-real floor "
             f"{floor['fid']:.1f}; network in {floor['network_dtype']}, guidance scale 1, classes cycled, the same x_T "
@@ -141,12 +142,7 @@ def plot(model: str, rows_file: Path, out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    newest = {}
-    for line in rows_file.read_text().splitlines():
-        r = json.loads(line)
-        if r["model"] == model:
-            newest[(r["what"], r["n"], r["stage"])] = r
-    rows = list(newest.values())
+    rows = newest_rows(model, rows_file)
     floor = next(r for r in rows if r["stage"] == "floor")
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for name in SAMPLERS:

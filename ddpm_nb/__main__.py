@@ -312,13 +312,10 @@ def _load_for_sampling(args):
 
 def _plan(diffusion, kw):
     """The levels this command's chain visits; a ConfigError for any option the sampler cannot honour."""
-    from .sample import _check_options, check_formulation, get_sampler, make_plan
+    from .sample import prepare
 
-    sampler = get_sampler(kw["sampler"])
-    options = _check_options(sampler, dict(eta=kw["eta"], variance=kw["variance"]))
-    check_formulation(sampler, diffusion, options)
-    sampler.coefficients(make_plan(diffusion, 1, "uniform"), **options)
-    return sampler.plan(diffusion, kw["steps"], kw["spacing"], sigma_max=kw["sigma_max"])
+    return prepare(diffusion, kw["sampler"], steps=kw["steps"], spacing=kw["spacing"], sigma_max=kw["sigma_max"],
+                   eta=kw["eta"], variance=kw["variance"])[1]
 
 
 def _tag(args) -> str:

@@ -32,11 +32,25 @@ def drop_labels(y: torch.Tensor, p: float, null_class: int, generator: torch.Gen
     return torch.where(drop, torch.full_like(y, null_class), y)
 
 
+def regression_loss(out: torch.Tensor, target: torch.Tensor, loss_type: str) -> torch.Tensor:
+    """Per-sample (B,) loss of the network output against its target: "mse", "l1" or "huber" (delta 1), averaged
+    over every other dimension, in the inputs' precision (fp32 here)."""
+    if loss_type == "mse":
+        per = F.mse_loss(out, target, reduction="none")
+    elif loss_type == "l1":
+        per = F.l1_loss(out, target, reduction="none")
+    else:
+        per = F.huber_loss(out, target, reduction="none", delta=1.0)
+    return per.flatten(1).mean(1)
+
+
 class GaussianDiffusion(nn.Module):
     """A noise schedule plus the objective: everything about diffusion that is not the network.
 
     Holds the schedule as a submodule (its buffers follow `.to(device)`); has no parameters.
     """
+
+    is_flow = False  # FlowMatching's is True: the samplers read it
 
     def __init__(self, cfg: DiffusionConfig | None = None, *, schedule: NoiseSchedule | None = None):
         super().__init__()
@@ -172,14 +186,7 @@ class GaussianDiffusion(nn.Module):
         out = model(x_t, t, y) if y is not None else model(x_t, t)
         out = out.float()
         target = self.target(x0.float(), noise.float(), t)
-        if self.cfg.loss_type == "mse":
-            per = F.mse_loss(out, target, reduction="none")
-        elif self.cfg.loss_type == "l1":
-            per = F.l1_loss(out, target, reduction="none")
-        else:
-            per = F.huber_loss(out, target, reduction="none", delta=1.0)
-        per = per.flatten(1).mean(1)
-        return per * self.loss_weight(t)
+        return regression_loss(out, target, self.cfg.loss_type) * self.loss_weight(t)
 
     def loss(self, model: nn.Module, x0: torch.Tensor, **kw) -> torch.Tensor:
         """Mean of `training_losses`: a scalar in fp32."""
@@ -239,14 +246,7 @@ class FlowMatching(nn.Module):
             noise = _randn(x0.shape, generator, x0.device)
         x_t = self.q_sample(x0, t, noise)
         out = (model(x_t, t, y) if y is not None else model(x_t, t)).float()
-        target = noise.float() - x0.float()
-        if self.cfg.loss_type == "mse":
-            per = F.mse_loss(out, target, reduction="none")
-        elif self.cfg.loss_type == "l1":
-            per = F.l1_loss(out, target, reduction="none")
-        else:
-            per = F.huber_loss(out, target, reduction="none", delta=1.0)
-        return per.flatten(1).mean(1)
+        return regression_loss(out, noise.float() - x0.float(), self.cfg.loss_type)
 
     def loss(self, model: nn.Module, x0: torch.Tensor, **kw) -> torch.Tensor:
         return self.training_losses(model, x0, **kw).mean()

@@ -21,8 +21,7 @@ import torch
 from torch import nn
 
 from .diffusion import GaussianDiffusion
-from .sample import (_Chain, _eval_mode, _autocast, _randn, get_sampler, make_plan, model_output, predict,
-                     run_sampler, sigma_of)
+from .sample import _Chain, _autocast, _eval_mode, _randn, denoiser, get_sampler, make_plan, run_sampler, sigma_of
 from .utils import ConfigError
 
 __all__ = ["img2img", "inpaint", "ddim_invert", "ddim_reconstruct"]
@@ -67,8 +66,7 @@ def img2img(model: nn.Module, diffusion: GaussianDiffusion, images: torch.Tensor
 def inpaint(model: nn.Module, diffusion: GaussianDiffusion, images: torch.Tensor, mask: torch.Tensor, *,
             sampler: str = "ddpm", steps: int = 250, resample: int = 1, jump: int = 1, eta: float | None = None,
             y: torch.Tensor | None = None, guidance_scale: float = 1.0, clip_x0: bool = True,
-            generator: torch.Generator | None = None, device=None, dtype: torch.dtype | None = None,
-            progress: bool = False) -> torch.Tensor:
+            generator: torch.Generator | None = None, device=None, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Fill the pixels where `mask` is 0, keeping those where it is 1 (mask: (B or 1, 1 or C, H, W) of 0/1).
 
     At every level i the known pixels of the state are set to the input noised to that level,
@@ -89,17 +87,12 @@ def inpaint(model: nn.Module, diffusion: GaussianDiffusion, images: torch.Tensor
         raise ConfigError(f"mask must be (B or 1, 1 or C, H, W) with the images' H and W, got {tuple(mask.shape)}")
     device = _device(model, device)
     options = {"eta": eta} if s.name == "ddim" and eta is not None else {}
-    plan = make_plan(diffusion, steps, s.default_spacing if s.name != "euler" else "uniform")
+    plan = make_plan(diffusion, steps, "uniform")
     coefficients = s.coefficients(plan, **options)
     known = images.to(device).float()
     m = mask.to(device).float()
-    b = images.shape[0]
     noise = lambda: _randn(images.shape, generator, device)  # noqa: E731
-
-    def denoise(x, level):
-        tt = torch.full((b,), plan.t[level], device=device,
-                        dtype=torch.long if isinstance(plan.t[level], int) else torch.float32)
-        return predict(diffusion, model_output(model, x, tt, y, guidance_scale), x, plan.a[level], plan.s[level],
+    denoise = denoiser(model, diffusion, plan, images.shape[0], device, y=y, guidance_scale=guidance_scale,
                        clip_x0=clip_x0)
 
     def known_at(level):
@@ -138,13 +131,11 @@ def ddim_invert(model: nn.Module, diffusion: GaussianDiffusion, images: torch.Te
     plan = make_plan(diffusion, steps, "uniform")
     up = list(range(plan.steps - 1, -1, -1))  # plan levels from t = 0 upwards
     x = images.to(device).float()
-    b = images.shape[0]
+    denoise = denoiser(model, diffusion, plan, images.shape[0], device, y=y, guidance_scale=guidance_scale,
+                       clip_x0=False)
     with _eval_mode(model), _autocast(device, dtype):
-        for k, level in enumerate(up[:-1]):
-            nxt = up[k + 1]
-            tt = torch.full((b,), plan.t[level], device=device, dtype=torch.long)
-            pred = predict(diffusion, model_output(model, x, tt, y, guidance_scale), x, plan.a[level], plan.s[level],
-                           clip_x0=False)
+        for level, nxt in zip(up, up[1:]):
+            pred = denoise(x, level)
             x = (plan.a[nxt] * pred.x0 + plan.s[nxt] * pred.eps).float()
     return (x, list(plan.t)) if return_levels else x
 

@@ -49,6 +49,8 @@ __all__ = [
     "get_sampler",
     "describe_samplers",
     "run_sampler",
+    "prepare",
+    "denoiser",
     "karras_sigmas",
     "Trajectory",
     "device_generator",
@@ -270,18 +272,18 @@ def sigma_of(diffusion: GaussianDiffusion, t: int) -> float:
     return math.sqrt(diffusion.one_minus_alphas_cumprod_host[t] / diffusion.alphas_cumprod_host[t])
 
 
-def _t_of_sigma(diffusion: GaussianDiffusion, sigma: float) -> float:
+def _t_of_sigma(log_sigmas: list[float], sigma: float) -> float:
     """The (fractional) model timestep of noise level sigma: log sigma interpolated linearly between the
-    integer timesteps around it (as diffusers' `_sigma_to_t`), clamped to [0, T - 1]."""
-    logs = [math.log(sigma_of(diffusion, t)) for t in range(diffusion.timesteps)]
+    integer timesteps around it (as diffusers' `_sigma_to_t`), clamped to [0, T - 1]. `log_sigmas`: log sigma_t
+    for t = 0 .. T-1, computed once per plan."""
     target = math.log(sigma)
-    if target <= logs[0]:
+    if target <= log_sigmas[0]:
         return 0.0
-    if target >= logs[-1]:
-        return float(diffusion.timesteps - 1)
-    hi = next(i for i, v in enumerate(logs) if v > target)
+    if target >= log_sigmas[-1]:
+        return float(len(log_sigmas) - 1)
+    hi = next(i for i, v in enumerate(log_sigmas) if v > target)
     lo = hi - 1
-    w = (logs[lo] - target) / (logs[lo] - logs[hi])
+    w = (log_sigmas[lo] - target) / (log_sigmas[lo] - log_sigmas[hi])
     return (1 - w) * lo + w * hi
 
 
@@ -315,7 +317,7 @@ def make_plan(diffusion: GaussianDiffusion, steps: int, spacing: str = "uniform"
     last timestep, T - 1, unless `sigma_max` is given. `timesteps`: an explicit descending list of
     integer timesteps instead (as diffusers' `set_timesteps(timesteps=...)`).
     """
-    if getattr(diffusion, "is_flow", False):
+    if diffusion.is_flow:
         return _flow_plan(diffusion, steps, spacing, sigma_max, timesteps)
     ab, om = diffusion.alphas_cumprod_host, diffusion.one_minus_alphas_cumprod_host
     T = diffusion.timesteps
@@ -332,7 +334,8 @@ def make_plan(diffusion: GaussianDiffusion, steps: int, spacing: str = "uniform"
         ts = ddim_timesteps(t_max + 1, min(steps, t_max + 1), spacing)
         return Plan(ts, [ab[t] for t in ts] + [1.0], [om[t] for t in ts] + [0.0])
     sigmas = karras_sigmas(sigma_of(diffusion, 0), sigma_max or sigma_of(diffusion, T - 1), steps, rho)
-    ts = [_t_of_sigma(diffusion, s) for s in sigmas]
+    log_sigmas = [math.log(sigma_of(diffusion, t)) for t in range(T)]
+    ts = [_t_of_sigma(log_sigmas, s) for s in sigmas]
     return Plan(ts, [1 / (1 + s * s) for s in sigmas] + [1.0], [s * s / (1 + s * s) for s in sigmas] + [0.0])
 
 
@@ -379,7 +382,7 @@ def predict(diffusion: GaussianDiffusion, out: torch.Tensor, x: torch.Tensor, a:
     """
     out, x = out.float(), x.float()
     obj = diffusion.cfg.objective
-    if getattr(diffusion, "is_flow", False):  # the velocity eps - x0 on x = a x0 + s eps with a + s = 1
+    if diffusion.is_flow:  # the velocity eps - x0 on x = a x0 + s eps with a + s = 1
         x0, eps = x - s * out, x + a * out
     elif obj == "eps":
         eps, x0 = out, (x - s * out) / a
@@ -420,7 +423,7 @@ class Sampler:
              sigma_max: float | None = None, timesteps=None) -> Plan:
         """The levels of this sampler's chain: `make_plan` with the sampler's defaults for what is not given
         (its own steps and spacing; on Karras levels its default_sigma_max, capped at the schedule's top)."""
-        if getattr(diffusion, "is_flow", False):  # evenly spaced t from 1 to 0; no other levels
+        if diffusion.is_flow:  # evenly spaced t from 1 to 0; no other levels
             return make_plan(diffusion, steps if steps is not None else self.default_steps(diffusion),
                              spacing or "uniform", sigma_max=sigma_max, timesteps=timesteps)
         spacing = spacing or self.default_spacing
@@ -487,10 +490,10 @@ class DDIM(Sampler):
 
     name, order, default_spacing = "ddim", 1, "uniform"
     options = ("eta",)
+    summary = "DDIM; eta = 0 deterministic, eta > 0 adds fresh noise"
 
     def default_steps(self, diffusion):
         return 50  # DDIM's long-standing default (ddim_sample, the lessons)
-    summary = "DDIM; eta = 0 deterministic, eta > 0 adds fresh noise"
 
     def coefficients(self, plan, eta=0.0):
         if not (math.isfinite(eta) and eta >= 0):
@@ -560,20 +563,26 @@ class Heun(Sampler):
 class DPMSolverPP2M(Sampler):
     """DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2), in data prediction: with lam = log(a / s) and
     h_i = lam_{i+1} - lam_i, x_{i+1} = (s_{i+1} / s_i) x_i - a_{i+1} (e^{-h_i} - 1) D_i (the exact solution of
-    the linear part, with the data prediction held at D_i over the step), where D_i = x0_i on the first step and the last (to sigma = 0), and otherwise
-    D_i = (1 + 1/(2 r_i)) x0_i - 1/(2 r_i) x0_{i-1}, r_i = h_{i-1} / h_i: the previous prediction turns the
-    step into a second-order multistep method at one network call a step."""
+    the linear part, with the data prediction held at D_i over the step), where D_i = x0_i on the first step
+    and the last (to sigma = 0), and otherwise D_i = (1 + 1/(2 r_i)) x0_i - 1/(2 r_i) x0_{i-1},
+    r_i = h_{i-1} / h_i: the previous prediction turns the step into a second-order multistep method at one
+    network call a step."""
 
     name, order, default_spacing, default_sigma_max = "dpm++2m", 2, "karras", KARRAS_SIGMA_MAX
     summary = "DPM-Solver++ 2M (multistep, 2nd order)"
 
-    def coefficients(self, plan):
+    @staticmethod
+    def step_sizes(plan):
+        """(h_i, r_i) of every step: r_i is None on the first and the last, which are first order."""
         out = []
         for i in range(plan.steps):
             h = plan.lam[i + 1] - plan.lam[i]
-            r = (plan.lam[i] - plan.lam[i - 1]) / h if 0 < i < plan.steps - 1 else None
-            out.append((plan.s[i + 1] / plan.s[i], plan.a[i + 1] * -math.expm1(-h), r))
+            out.append((h, (plan.lam[i] - plan.lam[i - 1]) / h if 0 < i < plan.steps - 1 else None))
         return out
+
+    def coefficients(self, plan):
+        return [(plan.s[i + 1] / plan.s[i], plan.a[i + 1] * -math.expm1(-h), r)
+                for i, (h, r) in enumerate(self.step_sizes(plan))]
 
     def data_term(self, i, pred, ctx):
         r = ctx.coefficients[i][2]
@@ -599,9 +608,7 @@ class DPMSolverPP2MSDE(DPMSolverPP2M):
 
     def coefficients(self, plan):
         out = []
-        for i in range(plan.steps):
-            h = plan.lam[i + 1] - plan.lam[i]
-            r = (plan.lam[i] - plan.lam[i - 1]) / h if 0 < i < plan.steps - 1 else None
+        for i, (h, r) in enumerate(self.step_sizes(plan)):
             e2 = -math.expm1(-2 * h)
             out.append((plan.s[i + 1] / plan.s[i] * math.exp(-h), plan.a[i + 1] * e2, r,
                         plan.s[i + 1] * math.sqrt(e2)))
@@ -627,7 +634,7 @@ FLOW_DEFAULT_SAMPLER = "dpm++2m"  # a flow-matching model takes the deterministi
 
 def default_sampler(diffusion) -> str:
     """The sampler used when none is named: DEFAULT_SAMPLER, or FLOW_DEFAULT_SAMPLER for a flow-matching model."""
-    return FLOW_DEFAULT_SAMPLER if getattr(diffusion, "is_flow", False) else DEFAULT_SAMPLER
+    return FLOW_DEFAULT_SAMPLER if diffusion.is_flow else DEFAULT_SAMPLER
 
 
 def get_sampler(name: str | Sampler) -> Sampler:
@@ -661,7 +668,7 @@ class _Chain:
 
 def check_formulation(sampler: Sampler, diffusion, options: dict) -> None:
     """A flow-matching model takes the deterministic samplers only (FLOW_SAMPLERS, DDIM with eta = 0)."""
-    if getattr(diffusion, "is_flow", False) and (sampler.name not in FLOW_SAMPLERS or options.get("eta")):
+    if diffusion.is_flow and (sampler.name not in FLOW_SAMPLERS or options.get("eta")):
         raise ConfigError(f"this is a flow-matching model: sample it with {', '.join(FLOW_SAMPLERS)} (ddim with eta = 0); "
                           f"{sampler.name}{' with eta' if options.get('eta') else ''} is written for the DDPM's "
                           "variance-preserving noise")
@@ -678,6 +685,29 @@ def _check_options(sampler: Sampler, options: dict) -> dict:
             raise ConfigError(f"the {sampler.name} sampler does not take {key} (it is {kind}); "
                               f"{key} applies to: {', '.join(takers)}")
     return {k: v for k, v in given.items() if k in sampler.options}
+
+
+def prepare(diffusion: GaussianDiffusion, sampler: str | Sampler | None = None, *, steps: int | None = None,
+            spacing: str | None = None, sigma_max: float | None = None, timesteps=None, eta: float | None = None,
+            variance: str | None = None) -> tuple[Sampler, Plan, list]:
+    """(sampler, plan, coefficients) of one chain, every option checked against the sampler and the model's
+    formulation first (a ConfigError otherwise): what `run_sampler` runs and the command line checks."""
+    s = get_sampler(sampler if sampler is not None else default_sampler(diffusion))
+    opts = _check_options(s, dict(eta=eta, variance=variance))
+    check_formulation(s, diffusion, opts)
+    plan = s.plan(diffusion, steps, spacing, sigma_max=sigma_max, timesteps=timesteps)
+    return s, plan, s.coefficients(plan, **opts)
+
+
+def denoiser(model: nn.Module, diffusion: GaussianDiffusion, plan: Plan, batch: int, device, *,
+             y: torch.Tensor | None = None, guidance_scale: float = 1.0, clip_x0: bool = True):
+    """denoise(x, level) -> the network's Prediction at level `level` of `plan` (guided when asked)."""
+    def denoise(x, level: int) -> Prediction:
+        tt = torch.full((batch,), plan.t[level], device=device,
+                        dtype=torch.long if isinstance(plan.t[level], int) else torch.float32)
+        out = model_output(model, x, tt, y, guidance_scale)
+        return predict(diffusion, out, x, plan.a[level], plan.s[level], clip_x0=clip_x0)
+    return denoise
 
 
 def run_sampler(model: nn.Module, diffusion: GaussianDiffusion, shape: tuple, sampler: str | Sampler | None = None,
@@ -698,20 +728,10 @@ def run_sampler(model: nn.Module, diffusion: GaussianDiffusion, shape: tuple, sa
     `trajectory_steps` picks the entries 0 .. steps kept (default all). `dtype` (e.g. torch.bfloat16)
     runs the network under autocast.
     """
-    s = get_sampler(sampler if sampler is not None else default_sampler(diffusion))
-    opts = _check_options(s, dict(eta=eta, variance=variance))
-    check_formulation(s, diffusion, opts)
-    plan = s.plan(diffusion, steps, spacing, sigma_max=sigma_max, timesteps=timesteps)
-    coefficients = s.coefficients(plan, **opts)
+    s, plan, coefficients = prepare(diffusion, sampler, steps=steps, spacing=spacing, sigma_max=sigma_max,
+                                    timesteps=timesteps, eta=eta, variance=variance)
     device, x = _prepare(model, shape, x_T, generator, device)
-    b = shape[0]
-
-    def denoise(x, level: int) -> Prediction:
-        tt = torch.full((b,), plan.t[level], device=device,
-                        dtype=torch.long if isinstance(plan.t[level], int) else torch.float32)
-        out = model_output(model, x, tt, y, guidance_scale)
-        return predict(diffusion, out, x, plan.a[level], plan.s[level], clip_x0=clip_x0)
-
+    denoise = denoiser(model, diffusion, plan, shape[0], device, y=y, guidance_scale=guidance_scale, clip_x0=clip_x0)
     chain = _Chain(plan, coefficients, lambda: _randn(shape, generator, device), denoise)
 
     def step(x, i):
